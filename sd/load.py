@@ -110,7 +110,7 @@ def _build(ckpt: CheckpointFile, parts: Mapping[str, Mapping[str, torch.Tensor]]
     for prefix, build in (
         (UNET_PREFIX, lambda p: UNetModel(UNetConfig.from_state_dict(p))),
         (VAE_PREFIX, lambda p: AutoencoderKL(VAEConfig.from_state_dict(p))),
-        (TEXT_PREFIX, lambda p: text_cls(text_cfg.from_state_dict(text_prepare(p)), **({"layer": text_layer} if text_layer else {}))),
+        (TEXT_PREFIX, lambda p: _text_encoder(text_cls, text_cfg.from_state_dict(text_prepare(p)), text_layer)),
     ):
         where = f"{ckpt.path} [{prefix}*]"
         try:
@@ -121,6 +121,14 @@ def _build(ckpt: CheckpointFile, parts: Mapping[str, Mapping[str, torch.Tensor]]
         shapes = text_prepare(parts[prefix]) if prefix == TEXT_PREFIX else parts[prefix]
         _check_fits(models[prefix], shapes, where)
     return models
+
+
+def _text_encoder(cls: type, cfg, layer: str | None) -> nn.Module:
+    """The family default layer, except for SD2 files converted back from diffusers: those hold only the 23 blocks
+    SD2 runs (no last block, no projection), so their "last" block is SD2's penultimate one."""
+    if layer is None and cls is OpenClipTextEncoder and cfg.layers == 23 and cfg.embed_dim is None:
+        layer = "last"
+    return cls(cfg, layer=layer) if layer else cls(cfg)
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
