@@ -1,0 +1,349 @@
+"""Train a LoRA, or resume-train the whole UNet, on an original SD checkpoint: one hand-written loop.
+
+    python train.py                                   # the built-in toy: a LoRA for a new concept, on CPU
+    python train.py --config configs/sd15_lora.yaml --ckpt v1-5-pruned-emaonly.safetensors --images data/
+    torchrun --nproc_per_node 2 train.py ...          # DDP: NCCL on GPUs, gloo on CPU
+
+Data flow: images --data.encode_dataset--> latent cache --LatentLoader--> this loop --> LoRA file / checkpoint.
+Every option: python train.py --help.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import lora
+import sd
+from data import LatentLoader, encode_dataset
+from sampling import generate, grid, save_png, to_pil
+from training.config import TrainConfig, parse_args
+from training.optim import lr_factor, make_optimizer, param_groups, set_lr
+from training.state import load_state, resolve, save_state
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun: NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def pick_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            print("note: fp16 on CPU is very slow (no fast fp16 matmul); bf16 is the CPU's mixed precision", file=sys.stderr)
+        return precision
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return "bf16"
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def diffusion_loss(unet, schedule, latents, context, seed: int, index: int, cfg: TrainConfig, autocast) -> torch.Tensor:
+    """The denoising loss of one micro-batch: MSE between the UNet output and the eps or v target, in fp32.
+
+    Noise and timesteps come from a generator seeded by (seed, micro-batch index), so a resumed or
+    data-parallel run draws exactly what a single uninterrupted run would."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=g)
+    if cfg.noise_offset:
+        noise = noise + cfg.noise_offset * torch.randn(b, latents.shape[1], 1, 1, generator=g)
+    t = torch.randint(0, schedule.num_timesteps, (b,), generator=g)
+    noise, t = noise.to(latents.device), t.to(latents.device)
+    noisy = schedule.add_noise(latents, noise, t)
+    target = schedule.target(latents, noise, t)
+    with autocast:
+        pred = unet(noisy, t, context)
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma:
+        snr = schedule.snr(t)
+        weight = snr.clamp(max=cfg.min_snr_gamma) / (snr if schedule.prediction_type == "epsilon" else snr + 1)
+        loss = loss * weight
+    return loss.mean()
+
+
+def prepare_data(cfg: TrainConfig, out: Path, rank: int, world: int) -> Path:
+    """Encode the images once (rank 0), reuse the cache afterwards. Returns the cache folder."""
+    images = cfg.images
+    if not images:
+        images = str(toy_images(cfg, out))
+    cache = Path(cfg.cache) if cfg.cache else out / "cache"
+    if rank == 0:
+        report = encode_dataset(images, cache, cfg.ckpt, resolution=cfg.resolution, bucket=cfg.bucket,
+                                bucket_step=cfg.bucket_step if cfg.bucket else 8,
+                                flip=cfg.flip, prompt=cfg.prompt or None, repeats=cfg.repeats,
+                                text=not cfg.train_text_encoder, seed=cfg.seed)
+        print(report)
+    if world > 1:
+        dist.barrier()
+    return cache
+
+
+def toy_images(cfg: TrainConfig, out: Path) -> Path:
+    """The default dataset: the toy world's new-concept images, written once as PNG + caption files."""
+    if Path(cfg.ckpt).resolve() != Path(TrainConfig.ckpt).resolve():
+        raise ValueError("images: no image folder given (--images DIR); only the built-in toy checkpoint has default images")
+    from toy import write_concept_dataset
+    return write_concept_dataset(out / "toy_images", seed=cfg.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    cfg.validate()  # missing files, bad values: fail before any model is loaded
+    rank, world, device = setup_distributed(cfg.device)
+    master = rank == 0
+    precision = pick_precision(cfg.precision, device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = prepare_data(cfg, out, rank, world)
+    loader = LatentLoader(cache, batch_size=cfg.batch_size, seed=cfg.seed, flip=cfg.flip or None)
+    if master:
+        (out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))  # JSON is valid YAML
+
+    # --- model: LoRA keeps the frozen base in the low precision; full training keeps fp32 master weights
+    weight_dtype = DTYPES[precision] if cfg.mode == "lora" else torch.float32
+    model = sd.load(cfg.ckpt, dtype=weight_dtype, device=device,
+                    prediction_type=None if cfg.prediction_type == "auto" else cfg.prediction_type)
+    torch.manual_seed(cfg.seed)
+    unet = model.unet
+    toy_before = toy_scores(cfg, model, "base") if master else None
+    if cfg.mode == "lora":
+        alpha = cfg.alpha or None
+        targets = cfg.targets if cfg.targets in lora.PRESETS else [t.strip() for t in cfg.targets.split(",")]
+        lora.inject(unet, cfg.rank, alpha, targets, init=cfg.init, rs=cfg.rs, dropout=cfg.lora_dropout, dtype=torch.float32)
+        if cfg.train_text_encoder:
+            lora.inject(model.text_encoder, cfg.rank, alpha, "attn-mlp", init=cfg.init, rs=cfg.rs,
+                        dropout=cfg.lora_dropout, dtype=torch.float32)
+        if master:
+            print(lora.report(unet))
+    else:
+        unet.requires_grad_(True)
+    unet.gradient_checkpointing = cfg.gradient_checkpointing
+    unet.train()
+    trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
+    groups = param_groups([(n, p) for n, p in trainable.items()], cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
+    if cfg.train_text_encoder:
+        model.text_encoder.train()
+        te = {f"te.{n}": p for n, p in model.text_encoder.named_parameters() if p.requires_grad}
+        trainable.update(te)
+        groups += param_groups(list(te.items()), cfg.lr_text_encoder or cfg.lr, cfg.weight_decay, cfg.loraplus_ratio, "te")
+    optimizer = make_optimizer(groups, cfg.optimizer, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    autocast = (torch.autocast(device.type, dtype=DTYPES[precision]) if precision != "fp32" else contextlib.nullcontext())
+    ema = {n: p.detach().clone().float() for n, p in trainable.items()} if cfg.ema_decay and cfg.mode == "full" else None
+
+    start = 0
+    if cfg.resume:
+        path = resolve(cfg.resume, out)
+        state = load_state(path)
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(state["trainable"][n])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state["ema"]:
+            ema = {k: v.to(device) for k, v in state["ema"].items()}
+        torch.set_rng_state(state["rng"]["torch"])
+        start = state["step"]
+        if master:
+            print(f"resumed from {path} at step {start}")
+
+    net = DDP(unet) if world > 1 else unet
+    prior = class_loader(cfg, model, out, rank, world) if cfg.class_prompt else None
+    schedule = model.schedule
+    params = list(trainable.values())
+    log = open(out / "log.jsonl", "a") if master else None
+    skipped = 0
+
+    def save_outputs(step: int, final: bool = False) -> None:
+        """LoRA file or full checkpoint, plus the training state; rank 0 only."""
+        if not master:
+            return
+        save_state(out, step, trainable, optimizer, scaler, ema, cfg.to_dict())
+        name = "final" if final else f"step_{step:07d}"
+        if cfg.mode == "lora":
+            lora.save(out / f"lora_{name}.safetensors", model if cfg.train_text_encoder else unet,
+                      format=cfg.lora_format, metadata={"ss_training_config": cfg.to_dict(), "ss_steps": step})
+        else:
+            save_full(model, out / f"model_{name}.safetensors", ema, cfg)
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master, desc=cfg.mode, unit="step")
+    step = start
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            set_lr(optimizer, lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.lr_schedule))
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                index = (step * cfg.grad_accum + micro) * world + rank  # the global micro-batch this rank runs
+                batch = loader.batch(index).to(device)
+                sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else net.no_sync()
+                with sync:
+                    context = batch.context if batch.context is not None else None
+                    if context is None:
+                        with autocast:
+                            context = model.text_encoder(batch.tokens)
+                    loss = diffusion_loss(net, schedule, batch.latents, context.to(weight_dtype), cfg.seed, index, cfg, autocast)
+                    if prior is not None:
+                        pb = prior.batch(index).to(device)
+                        loss = loss + cfg.prior_loss_weight * diffusion_loss(
+                            net, schedule, pb.latents, pb.context.to(weight_dtype), cfg.seed + 1, index, cfg, autocast)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
+                    (scaler.scale(loss / cfg.grad_accum) if scaler else loss / cfg.grad_accum).backward()
+                total += loss.item() / cfg.grad_accum
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            if scaler is not None:
+                scale_before = scaler.get_scale()
+                scaler.step(optimizer)
+                scaler.update()
+                skipped += int(scaler.get_scale() < scale_before)  # the step was skipped for inf/nan gradients
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                with torch.no_grad():
+                    for n, p in trainable.items():
+                        ema[n].lerp_(p.float(), 1 - cfg.ema_decay)
+            done = step + 1
+            if master:
+                record = {"step": done, "loss": total, "lr": optimizer.param_groups[0]["lr"],
+                          "grad_norm": float(grad_norm), "step_time_s": time.perf_counter() - t0,
+                          "peak_mem_gb": peak_memory_gb(device)}
+                if scaler is not None:
+                    record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{record['lr']:.2e}")
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                save_outputs(done)
+            elif cfg.state_every and done % cfg.state_every == 0 and master:
+                save_state(out, done, trainable, optimizer, scaler, ema, cfg.to_dict())
+            if cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.steps and master:
+                validate(cfg, model, out, done)
+        step = cfg.steps
+    except KeyboardInterrupt:
+        if master:
+            print(f"\ninterrupted: saving the state at step {step} (resume with --resume latest)")
+            save_state(out, step, trainable, optimizer, scaler, ema, cfg.to_dict())
+        return 130
+    except NonFiniteLoss as err:
+        print(f"\nstopping: {err}. The last good outputs in {out} are kept; lower lr or use bf16/fp32.", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+        if log:
+            log.close()
+
+    save_outputs(cfg.steps, final=True)
+    if master:
+        validate(cfg, model, out, cfg.steps)
+        if toy_before is not None:
+            after = toy_scores(cfg, model, "lora" if cfg.mode == "lora" else "fine-tuned")
+            print_toy_summary(toy_before, after, out)
+        print(f"done: outputs in {out}")
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def save_full(model, path: Path, ema: dict | None, cfg: TrainConfig) -> None:
+    """The whole model as an original-layout checkpoint. Untouched tensors keep the base file's dtype,
+    so they come out bitwise equal to the base; trained UNet tensors use save_dtype ("auto": the base's)."""
+    state = model.state_dict()
+    if ema is not None:
+        state.update({sd.model.UNET_PREFIX + k.removeprefix("unet."): v for k, v in ema.items() if k.startswith("unet.")})
+    base = sd.CheckpointFile(cfg.ckpt).shapes
+    chosen = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.save_dtype)
+    out = {}
+    for k, v in state.items():
+        dtype = base[k].dtype if k in base else v.dtype
+        if chosen is not None and k.startswith(sd.model.UNET_PREFIX):
+            dtype = chosen
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    sd.write_state_dict(path, out, {"ss_training_config": json.dumps(cfg.to_dict())})
+
+
+def validate(cfg: TrainConfig, model, out: Path, step: int) -> None:
+    """Fixed prompts and seeds, one grid per validation."""
+    if not cfg.validation_prompts:
+        return
+    size = cfg.resolution
+    images = generate(model, cfg.validation_prompts, steps=cfg.validation_steps, cfg=cfg.validation_cfg,
+                      seed=cfg.seed, height=size, width=size, progress=False)
+    folder = out / "samples"
+    folder.mkdir(exist_ok=True)
+    save_png(grid(to_pil(images), cols=len(cfg.validation_prompts)), folder / f"step_{step:07d}.png",
+             parameters=" | ".join(cfg.validation_prompts) + f"\nSteps: {cfg.validation_steps}, CFG scale: {cfg.validation_cfg}, Seed: {cfg.seed}")
+
+
+def class_loader(cfg: TrainConfig, model, out: Path, rank: int, world: int) -> LatentLoader:
+    """DreamBooth prior preservation: class images from the frozen base, generated once and cached."""
+    folder = out / "class_images"
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        have = len(list(folder.glob("*.png")))
+        for i in tqdm(range(have, cfg.num_class_images), desc="class images"):
+            img = generate(model, cfg.class_prompt, seed=cfg.seed + 10_000 + i, steps=cfg.validation_steps,
+                           cfg=cfg.validation_cfg, height=cfg.resolution, width=cfg.resolution, progress=False)
+            to_pil(img)[0].save(folder / f"class_{i:05d}.png")
+        encode_dataset(folder, out / "class_cache", cfg.ckpt, resolution=cfg.resolution, prompt=cfg.class_prompt,
+                       seed=cfg.seed)
+    if world > 1:
+        dist.barrier()
+    return LatentLoader(out / "class_cache", batch_size=cfg.batch_size, seed=cfg.seed + 1)
+
+
+def toy_scores(cfg: TrainConfig, model, label: str):
+    """Concept and forgetting scores, only for the built-in toy checkpoint."""
+    if not cfg.toy_eval or Path(cfg.ckpt).resolve() != Path(TrainConfig.ckpt).resolve():
+        return None
+    from toy import evaluate
+    return evaluate(model, seed=cfg.seed, label=label)
+
+
+def print_toy_summary(before, after, out: Path) -> None:
+    from toy import summary
+    text = summary(before, after)
+    print(text)
+    (out / "scores.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

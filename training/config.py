@@ -1,0 +1,197 @@
+"""TrainConfig: every training option in one typed dataclass, read from a YAML recipe and overridden on the command line."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its --help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on
+    ckpt: str = opt("toy/tiny_sd.safetensors", "base checkpoint: an original SD 1.x/2.x .safetensors or .ckpt")
+    images: str = opt("", "image folder with captions (name.txt beside each image, or metadata.jsonl); "
+                          "empty with the built-in toy checkpoint: the toy world's new-concept images")
+    prompt: str = opt("", "one caption for every image (DreamBooth instance prompt); empty: use the caption files")
+    cache: str = opt("", "latent cache folder; empty: <out>/cache. Encoded on the first run, reused afterwards")
+    resolution: int = opt(512, "training resolution in pixels (multiple of 8); the toy model uses 32")
+    bucket: bool = opt(False, "aspect-ratio bucketing instead of square crops")
+    bucket_step: int = opt(64, "bucketing: bucket sides are multiples of this many pixels")
+    flip: bool = opt(False, "also encode horizontally flipped copies")
+    repeats: int = opt(1, "how many times each image is seen per epoch")
+    out: str = opt("runs/lora", "output folder: LoRA files, training state, log.jsonl, samples")
+
+    # --- what to train
+    mode: str = opt("lora", "lora: train low-rank adapters; full: resume-train every UNet weight")
+    rank: int = opt(4, "LoRA rank r (the inner dimension of B·A)")
+    alpha: float = opt(0.0, "LoRA alpha; the update is scaled by alpha/r (or alpha/sqrt(r) with rs). 0 means alpha = rank")
+    rs: bool = opt(False, "rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r")
+    targets: str = opt("attn", "UNet layers to adapt: attn (q,k,v,out), attn-mlp (+proj_in/out, ff), all (+ResBlock convs), "
+                               "or comma-separated glob patterns on module paths")
+    init: str = opt("kaiming", "LoRA init: kaiming (A uniform, B zero), gaussian (A ~ N(0, 1/r), B zero), pissa")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA branch input")
+    train_text_encoder: bool = opt(False, "also train a LoRA on the text encoder (q,k,v,out_proj,fc1,fc2)")
+    lr_text_encoder: float = opt(0.0, "learning rate for the text-encoder LoRA; 0: same as lr")
+    lora_format: str = opt("kohya", "LoRA file layout: kohya (A1111/ComfyUI/Forge) or diffusers")
+
+    # --- optimisation
+    steps: int = opt(1000, "optimizer steps")
+    batch_size: int = opt(1, "images per micro-batch (per process)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(1e-4, "peak learning rate")
+    lr_schedule: str = opt("constant", "constant, linear (decay to 0) or cosine (decay to 0)")
+    warmup_steps: int = opt(0, "linear warm-up steps before the schedule")
+    loraplus_ratio: float = opt(0.0, "LoRA+: learning rate of B = ratio × lr (0 or 1: off; the paper suggests 16)")
+    optimizer: str = opt("adamw", "adamw, or adamw8bit (bitsandbytes; CUDA only)")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0: no clipping)")
+    seed: int = opt(0, "seed for init, data order, noise and timesteps")
+
+    # --- the diffusion loss
+    prediction_type: str = opt("auto", "auto (from the checkpoint), epsilon or v_prediction")
+    min_snr_gamma: float = opt(0.0, "min-SNR-γ loss weighting (Hang et al. 2023; 5 is common; 0: off)")
+    noise_offset: float = opt(0.0, "noise offset: add offset·N(0,1) per channel to the noise (0: off)")
+
+    # --- precision and memory
+    precision: str = opt("auto", "fp32, bf16 (autocast, no scaler) or fp16 (fp16 weights, fp32 LoRA params, GradScaler; CUDA); "
+                                 "auto: bf16 on CPU and bf16-capable GPUs, else fp16")
+    gradient_checkpointing: bool = opt(False, "recompute UNet block activations in backward to save memory")
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto")
+
+    # --- full fine-tuning
+    ema_decay: float = opt(0.0, "full mode: keep an EMA of the UNet weights with this decay (0: off)")
+    save_dtype: str = opt("fp16", "dtype of saved full checkpoints: fp16, bf16 or fp32")
+
+    # --- DreamBooth prior preservation
+    class_prompt: str = opt("", "DreamBooth: class prompt for prior-preservation images (empty: off)")
+    num_class_images: int = opt(0, "DreamBooth: how many class images to generate with the frozen base and cache")
+    prior_loss_weight: float = opt(1.0, "DreamBooth: λ in loss = instance + λ·prior")
+
+    # --- outputs
+    save_every: int = opt(0, "write the LoRA / checkpoint every N steps (0: only at the end)")
+    state_every: int = opt(0, "write a resumable training state every N steps (0: only at the end and on Ctrl-C)")
+    validate_every: int = opt(0, "render validation images every N steps (0: only at the end)")
+    validation_prompts: list = opt([], "validation prompts (fixed seeds); empty: none")
+    validation_steps: int = opt(20, "sampler steps for validation images")
+    validation_cfg: float = opt(5.0, "classifier-free guidance scale for validation images")
+    tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
+    resume: str = opt("", "resume from a training state: a path, or 'latest' for the newest in <out>/state")
+    toy_eval: bool = opt(True, "with the built-in toy checkpoint: print concept and forgetting scores before and after")
+
+    def validate(self) -> None:
+        """Cheap checks that must fail before any model is loaded."""
+        choices = {"mode": ("lora", "full"), "lr_schedule": ("constant", "linear", "cosine"),
+                   "optimizer": ("adamw", "adamw8bit"), "prediction_type": ("auto", "epsilon", "v_prediction"),
+                   "precision": ("auto", "fp32", "bf16", "fp16"), "init": ("kaiming", "gaussian", "pissa"),
+                   "lora_format": ("kohya", "diffusers"), "save_dtype": ("fp16", "bf16", "fp32")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {self.rank}")
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        for key in ("steps", "batch_size", "grad_accum", "repeats"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0 (0 means alpha = rank), got {self.alpha}")
+        if not Path(self.ckpt).is_file():
+            raise ValueError(f"ckpt: checkpoint file not found: {self.ckpt}")
+        if self.images and not Path(self.images).is_dir():
+            raise ValueError(f"images: dataset folder not found: {self.images}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _closest(key: str) -> str:
+    near = difflib.get_close_matches(key, FIELDS, n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, with an error naming the key."""
+    default = FIELDS[key].default if FIELDS[key].default is not dataclasses.MISSING else FIELDS[key].default_factory()
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split("|") if v.strip()]
+            return list(value)
+        return type(default)(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: cannot read {value!r} as {type(default).__name__}") from None
+
+
+def from_dict(values: dict[str, Any], base: TrainConfig | None = None, source: str = "config") -> TrainConfig:
+    cfg = base or TrainConfig()
+    for key, value in values.items():
+        if key not in FIELDS:
+            raise ValueError(f"{source}: unknown key {key!r}{_closest(key)}")
+        setattr(cfg, key, _coerce(key, value))
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe must be a mapping of key: value")
+    return data
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a LoRA (or resume-train the whole UNet) on an original SD checkpoint. With no arguments: "
+                    "a LoRA for a new concept on the built-in toy model, on CPU, in a few minutes. "
+                    "Every key below can also be set in a YAML recipe (--config); the command line wins.",
+    )
+    p.add_argument("--config", default="", help="YAML recipe (see configs/)")
+    for name, f in FIELDS.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = "bool" if isinstance(default, bool) else "list, '|'-separated" if isinstance(default, list) else type(default).__name__
+        p.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=kind.upper().split(",")[0],
+                       help=f"{f.metadata['help']} [{kind}; default: {default!r}]")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the YAML recipe, then command-line overrides. Unknown keys suggest the closest valid one."""
+    p = parser()
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        key = unknown[0].lstrip("-").split("=")[0].replace("-", "_")
+        p.error(f"unknown option {unknown[0]!r}{_closest(key)}")
+    values = vars(args)
+    cfg = TrainConfig()
+    if values.pop("config"):
+        cfg = from_dict(load_yaml(args.config), cfg, source=args.config)
+    return from_dict(values, cfg, source="command line")

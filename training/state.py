@@ -1,0 +1,82 @@
+"""Resumable training state: trainable weights, optimizer, GradScaler, EMA, RNG states and the step, written atomically."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_DIR = "state"
+
+
+def rng_states() -> dict[str, Any]:
+    """Torch's generators: dropout and init draw from them. Data order, noise and timesteps come from
+    generators seeded by (seed, step), so they need no saved state."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_state(out: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None, ema: dict[str, torch.Tensor] | None, config: dict,
+               extra: dict | None = None) -> Path:
+    """Write <out>/state/step_<N>.pt atomically and point <out>/state/latest at it."""
+    folder = Path(out) / STATE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:07d}.pt"
+    payload = {
+        "step": step,
+        "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": {k: v.cpu() for k, v in ema.items()} if ema is not None else None,
+        "rng": rng_states(),
+        "config": config,
+        **(extra or {}),
+    }
+    _atomic_torch_save(payload, path)
+    (folder / "latest.tmp").write_text(path.name)
+    os.replace(folder / "latest.tmp", folder / "latest")
+    return path
+
+
+def resolve(resume: str, out: Path) -> Path:
+    """A state file from --resume: a path, or 'latest' for the newest state of this output folder."""
+    if resume == "latest":
+        pointer = Path(out) / STATE_DIR / "latest"
+        if not pointer.is_file():
+            raise ValueError(f"resume: no training state in {Path(out) / STATE_DIR} to resume from")
+        return pointer.parent / pointer.read_text().strip()
+    path = Path(resume)
+    if path.is_dir() and (path / STATE_DIR / "latest").is_file():
+        return resolve("latest", path)
+    if not path.is_file():
+        raise ValueError(f"resume: training state not found: {path}")
+    return path
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"resume: {path} is not a readable training state: {err}") from err
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
