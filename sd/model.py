@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import lora
+
 from schedule import DDPMSchedule
 from text import CLIPTokenizer
 from unet import UNetModel
@@ -80,10 +82,11 @@ class StableDiffusion:
         return self.vae.decode(latents / self.scale_factor, slice_size=slice_size)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """All weights under their original checkpoint keys."""
+        """All weights under their original checkpoint keys. Live LoRA layers are folded in at their
+        current scale, so the file computes what this model computes."""
         out: dict[str, torch.Tensor] = {}
         for prefix, module in self.parts.items():
-            out.update({prefix + k: v for k, v in module.state_dict().items()})
+            out.update({prefix + k: v for k, v in lora.base_state_dict(module, merged=True).items()})
         return out
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

@@ -1,0 +1,281 @@
+"""Put LoRA layers into a model in place (by module path), take them out, merge them, and count what they train."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .layer import LORA_LAYERS, _LoRALayer, lora_params, wrap
+
+# Presets as regexes on full module paths, covering our UNet (LDM names) and the CLIP text encoders.
+_ATTN_UNET = r".*\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+_MLP_UNET = r".*\.(proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))"
+_RES_UNET = (r"(input_blocks|middle_block|output_blocks)\.\d+\.(\d+\.)?"
+             r"(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection|op|conv)")
+# CLIP-L (transformers names) and OpenCLIP (open_clip names; its q/k/v are one packed tensor, no module).
+_ATTN_TE = r"(.*\.)?(self_attn\.(q_proj|k_proj|v_proj|out_proj)|resblocks\.\d+\.attn\.out_proj)"
+_MLP_TE = r"(.*\.)?(mlp\.(fc1|fc2)|resblocks\.\d+\.mlp\.(c_fc|c_proj))"
+
+PRESETS: dict[str, list[str]] = {
+    # diffusers' default: the four attention projections.
+    "attn": [_ATTN_UNET, _ATTN_TE],
+    # sd-scripts' default: every Linear/1x1 conv inside a transformer, and CLIP's attention + MLP.
+    "attn-mlp": [_ATTN_UNET, _MLP_UNET, _ATTN_TE, _MLP_TE],
+    # LoCon: also the ResBlock convs, their time-embedding projections, and the down/upsampler convs.
+    "all": [_ATTN_UNET, _MLP_UNET, _RES_UNET, _ATTN_TE, _MLP_TE],
+}
+
+Pattern = str | re.Pattern
+
+
+def _compile(pattern: Pattern) -> re.Pattern:
+    """'re:...' or a compiled pattern is a regex; any other string is a glob. Both must match the whole path."""
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    if pattern.startswith("re:"):
+        return re.compile(pattern[3:])
+    return re.compile(fnmatch.translate(pattern))
+
+
+def _patterns(targets: str | Iterable[Pattern]) -> list[re.Pattern]:
+    if isinstance(targets, str):
+        if targets in PRESETS:
+            return [re.compile(p) for p in PRESETS[targets]]
+        targets = [targets]
+    return [_compile(t) for t in targets]
+
+
+def _first_match(path: str, table: Mapping[Pattern, float] | None) -> float | None:
+    for pattern, value in (table or {}).items():
+        if _compile(pattern).fullmatch(path):
+            return value
+    return None
+
+
+def candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) for every layer LoRA can wrap: Linear, Conv2d, and LoRA layers (to stack on).
+
+    The insides of LoRA layers (their base and factors) are not candidates themselves.
+    """
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, (nn.Linear, nn.Conv2d, _LoRALayer)):
+                yield path, child
+            if not isinstance(child, _LoRALayer):
+                yield from walk(child, path + ".")
+    yield from walk(model, "")
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def _kernel(module: nn.Module) -> tuple[int, ...]:
+    base = module.base_layer if isinstance(module, _LoRALayer) else module
+    return tuple(base.kernel_size) if isinstance(base, nn.Conv2d) else ()
+
+
+def inject(model_part: nn.Module, rank: int = 4, alpha: float | None = None,
+           targets: str | Iterable[Pattern] = "attn", *,
+           rank_overrides: Mapping[Pattern, int] | None = None,
+           alpha_overrides: Mapping[Pattern, float] | None = None,
+           conv_rank: int | None = None, conv_alpha: float | None = None,
+           init: str = "kaiming", rs: bool = False, dropout: float = 0.0, name: str = "default",
+           dtype: torch.dtype | None = None) -> list[str]:
+    """Wrap the target layers of `model_part` in LoRA layers, in place; return the wrapped module paths.
+
+    targets: a preset ("attn", "attn-mlp", "all") or a list of patterns on module paths (glob, or
+    regex with a 're:' prefix), e.g. ["*.attn2.to_k", "re:.*attn1\\.to_(q|v)"].
+    rank_overrides / alpha_overrides: {pattern: value}; the first matching pattern wins; rank 0 skips a layer.
+    conv_rank / conv_alpha: rank and alpha for convs with a kernel larger than 1x1 (default: rank, alpha).
+    alpha None means alpha = rank. Every non-LoRA parameter of `model_part` is frozen afterwards;
+    the new A and B train (earlier LoRAs keep their requires_grad).
+    """
+    patterns = _patterns(targets)
+    chosen = [(p, m) for p, m in candidates(model_part) if any(pat.fullmatch(p) for pat in patterns)]
+    if not chosen:
+        raise ValueError(f"no Linear/Conv2d module matches targets {targets!r}; "
+                         f"first candidate paths: {[p for p, _ in list(candidates(model_part))[:8]]}")
+    injected = []
+    for path, module in chosen:
+        big_kernel = any(k > 1 for k in _kernel(module))
+        r = conv_rank if big_kernel and conv_rank is not None else rank
+        a = conv_alpha if big_kernel and conv_alpha is not None else alpha
+        override = _first_match(path, rank_overrides)
+        r = int(override) if override is not None else r
+        override = _first_match(path, alpha_overrides)
+        a = override if override is not None else a
+        if r == 0:
+            continue
+        layer = wrap(module, r, a, rs=rs, dropout=dropout, init=init, name=name, dtype=dtype)
+        _set_module(model_part, path, layer)
+        injected.append(path)
+    freeze_base(model_part)
+    for path in injected:
+        layer = model_part.get_submodule(path)
+        layer.lora_down.weight.requires_grad_(True)
+        layer.lora_up.weight.requires_grad_(True)
+    return injected
+
+
+def freeze_base(model: nn.Module) -> None:
+    """requires_grad=False on every parameter that is not a LoRA factor."""
+    lora_ids = {id(p) for layer in lora_layers(model) for p in (layer.lora_down.weight, layer.lora_up.weight)}
+    for p in model.parameters():
+        if id(p) not in lora_ids:
+            p.requires_grad_(False)
+
+
+def lora_layers(model: nn.Module, name: str | None = None) -> list[_LoRALayer]:
+    """Every LoRA layer in `model` (stacked ones included), or only those of adapter `name`."""
+    return [m for m in model.modules() if isinstance(m, LORA_LAYERS) and (name is None or m.name == name)]
+
+
+def named_lora_layers(model: nn.Module, name: str | None = None) -> list[tuple[str, _LoRALayer]]:
+    """(path, layer) where path is the wrapped module's own path; a stacked layer reports the same path."""
+    out = []
+    for path, module in candidates(model):
+        layer = module
+        while isinstance(layer, _LoRALayer):
+            if name is None or layer.name == name:
+                out.append((path, layer))
+            layer = layer.base
+    return out
+
+
+def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """The A and B parameters (what an optimizer should get)."""
+    return [p for layer in lora_layers(model, name) for p in (layer.lora_down.weight, layer.lora_up.weight)]
+
+
+def set_multiplier(model: nn.Module, multiplier: float, name: str | None = None) -> None:
+    """Scale the live update of every LoRA (or of adapter `name`) by `multiplier`; 0 switches it off."""
+    layers = lora_layers(model, name)
+    if not layers:
+        raise ValueError(f"no LoRA layers{'' if name is None else f' named {name!r}'} in the model")
+    merged = [layer for layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"{len(merged)} LoRA layers are merged; unmerge() before changing the multiplier")
+    for layer in layers:
+        layer.multiplier = float(multiplier)
+
+
+def merge(model: nn.Module, name: str | None = None) -> None:
+    """Fold every LoRA (or adapter `name`) into its base weight; the model then runs at base speed."""
+    for layer in lora_layers(model, name):
+        layer.merge()
+
+
+def unmerge(model: nn.Module, name: str | None = None) -> None:
+    for layer in lora_layers(model, name):
+        layer.unmerge()
+
+
+def remove(model: nn.Module, name: str | None = None, *, merge: bool = False) -> list[str]:
+    """Take LoRA layers out again (all, or adapter `name`), putting the wrapped layer back; return their paths.
+
+    merge=True keeps each update folded into the weights (a plain fine-tuned model); otherwise the
+    weights go back to the base model's: merged updates are subtracted and PiSSA residuals restored.
+    """
+    removed = []
+    for path, module in list(candidates(model)):
+        keep, chain = [], module
+        while isinstance(chain, _LoRALayer):
+            keep.append(chain)
+            chain = chain.base
+        bottom = chain
+        survivors = []
+        for layer in keep:
+            if name is not None and layer.name != name:
+                survivors.append(layer)
+                continue
+            with torch.no_grad():
+                if merge:
+                    layer.merge()
+                else:
+                    layer.unmerge()
+                if layer.pissa:
+                    w = bottom.weight
+                    # merged: W_res + s·B·A becomes W0 + s·(B·A - B0·A0); unmerged: W_res back to W0.
+                    w.copy_((w.float() + layer.pissa_offset()).to(w.dtype))
+            removed.append(path)
+        # Rebuild the stack from the bottom with only the layers that stay.
+        top = bottom
+        for layer in reversed(survivors):
+            layer.base = top
+            top = layer
+        if top is not module:
+            _set_module(model, path, top)
+    return sorted(set(removed))
+
+
+def base_state_dict(model: nn.Module, *, merged: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict under the ORIGINAL keys, without LoRA tensors, as an original checkpoint has them.
+
+    merged=False: the base model's weights (merged updates subtracted, PiSSA residuals restored).
+    merged=True: weights with every LoRA folded in at its current multiplier, i.e. what the model computes.
+    Does not change the model.
+    """
+    out: dict[str, torch.Tensor] = {}
+    lora_paths = {}
+    for path, module in candidates(model):
+        if isinstance(module, _LoRALayer):
+            lora_paths[path] = module
+    for key, value in model.state_dict().items():
+        owner = next((p for p in lora_paths if key.startswith(p + ".")), None)
+        if owner is None:
+            out[key] = value
+            continue
+        rest = key[len(owner) + 1:]
+        parts = rest.split(".")
+        if parts[-1] not in ("weight", "bias") or any(p != "base" for p in parts[:-1]):
+            continue  # lora_down / lora_up / pissa buffers of some layer in the stack
+        out[f"{owner}.{parts[-1]}"] = value
+    for path, top in lora_paths.items():
+        chain, layer = [], top
+        while isinstance(layer, _LoRALayer):
+            chain.append(layer)
+            layer = layer.base
+        w = layer.weight.detach().float()
+        for lay in chain:
+            if lay.merged:  # back to the unmerged weight first
+                w = w - lay.lora_weight(lay._merged_factor)
+            if merged:
+                w = w + lay.lora_weight()
+            elif lay.pissa:  # W_res + s·B0·A0 = W0
+                w = w + lay.pissa_offset()
+        out[f"{path}.weight"] = w.to(layer.weight.dtype)
+    return out
+
+
+def report(model: nn.Module, name: str | None = None) -> str:
+    """A table of LoRA parameters per block: frozen d·k of the wrapped layers vs trainable r·(d+k)."""
+    rows: dict[str, list[int]] = {}
+    for path, layer in named_lora_layers(model, name):
+        m = re.match(r"(.*?\.\d+)(\.|$)", path)
+        block = m.group(1) if m else path.split(".")[0]
+        dk, rdk = lora_params(layer.rank, layer)
+        row = rows.setdefault(block, [0, 0, 0])
+        row[0] += 1
+        row[1] += dk
+        row[2] += rdk
+    if not rows:
+        return "no LoRA layers"
+    width = max(len("block"), *(len(b) for b in rows))
+    lines = [f"{'block':<{width}}  {'layers':>6}  {'d*k (frozen)':>14}  {'r*(d+k) (LoRA)':>15}  {'ratio':>7}"]
+    total = [0, 0, 0]
+    for block, (n, dk, rdk) in rows.items():
+        lines.append(f"{block:<{width}}  {n:>6}  {dk:>14,}  {rdk:>15,}  {rdk / dk:>7.2%}")
+        total = [total[0] + n, total[1] + dk, total[2] + rdk]
+    lines.append(f"{'total':<{width}}  {total[0]:>6}  {total[1]:>14,}  {total[2]:>15,}  {total[2] / total[1]:>7.2%}")
+    all_params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines.append(f"trainable {trainable:,} of {all_params:,} parameters in the model ({trainable / all_params:.3%})")
+    return "\n".join(lines)

@@ -1,0 +1,517 @@
+"""LoRA files: write the kohya (A1111/ComfyUI/Forge) or diffusers layout, and read those plus LyCORIS LoCon files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import names
+from .inject import _set_module, candidates, freeze_base, named_lora_layers
+from .layer import _LoRALayer, wrap
+
+FORMATS = ("kohya", "diffusers")
+SCALING_KEY = "lora_scaling"  # our metadata: "alpha/r" or "alpha/sqrt(r)" (how the file's alphas were meant)
+
+# ------------------------------------------------------------------------------------ model parts
+
+_TE_ATTRS = ("text_encoder", "te", "cond_stage_model", "clip", "text")
+
+
+def _is_unet(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("input_blocks", "middle_block", "output_blocks"))
+
+
+def model_parts(model: Any) -> dict[str, nn.Module]:
+    """{'unet': ..., 'te': ...} from a UNet, a text encoder, a dict of them, or an object with .unet / .text_encoder."""
+    if isinstance(model, dict):
+        parts = {}
+        for key, module in model.items():
+            part = "unet" if key == "unet" else "te" if key in _TE_ATTRS else None
+            if part is None:
+                raise ValueError(f"unknown model part {key!r}; use 'unet' and 'text_encoder'")
+            parts[part] = module
+        return parts
+    if isinstance(model, nn.Module) and _is_unet(model):
+        return {"unet": model}
+    if isinstance(getattr(model, "unet", None), nn.Module):
+        parts = {"unet": model.unet}
+        for attr in _TE_ATTRS:
+            if isinstance(getattr(model, attr, None), nn.Module):
+                parts["te"] = getattr(model, attr)
+                break
+        return parts
+    if isinstance(model, nn.Module):
+        return {"te": model}
+    raise TypeError(f"expected a UNet, a text encoder, a dict of them, or an object with .unet; got {type(model)}")
+
+
+def num_res_blocks(unet: nn.Module) -> int:
+    cfg = getattr(unet, "cfg", None)
+    if cfg is not None and hasattr(cfg, "num_res_blocks"):
+        return int(cfg.num_res_blocks)
+    # The first Downsample sits right after the first level's res blocks.
+    for i, block in enumerate(unet.input_blocks):
+        if hasattr(block[0], "op"):
+            return i - 1
+    return len(unet.input_blocks) - 1
+
+
+def _namer(part: str, module: nn.Module):
+    n = num_res_blocks(module) if part == "unet" else None
+    return lambda path, fmt: (names.kohya_name(path, part, n) if fmt == "kohya"
+                              else names.diffusers_name(path, part, n))
+
+
+def _base_version(model: Any, parts: dict[str, nn.Module]) -> str:
+    """sd-scripts' ss_base_model_version: 'sd_v1', 'sd_v2', with '_v' for v-prediction when the model says so."""
+    version = getattr(model, "version", None)
+    if version in ("sd1", "sd2"):
+        v2 = version == "sd2"
+    else:
+        cfg = getattr(parts.get("unet"), "cfg", None)
+        # SD2's UNet is the one with linear transformer projections (and 1024-wide context at full size).
+        v2 = cfg is not None and (getattr(cfg, "use_linear_in_transformer", False) or cfg.context_dim == 1024)
+    suffix = "_v" if getattr(model, "prediction_type", None) == "v_prediction" else ""
+    return ("sd_v2" if v2 else "sd_v1") + suffix
+
+
+# ------------------------------------------------------------------------------------------ save
+
+def _factors(layer: _LoRALayer) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(down, up, alpha) for the file, with alpha / rank == the layer's scale whatever its scaling rule.
+
+    A PiSSA layer's change from the true W0 is s·(B·A − B0·A0): a rank-2r LoRA [B, −B0]·[A; A0].
+    """
+    down, up = layer.lora_down.weight.detach(), layer.lora_up.weight.detach()
+    if layer.pissa:
+        down = torch.cat([down, layer.pissa_down0.to(down.dtype)], dim=0)
+        up = torch.cat([up, -layer.pissa_up0.to(up.dtype)], dim=1)
+    rank = down.shape[0]
+    return down, up, layer.scale * rank
+
+
+def lora_state_dict(model: Any, format: str = "kohya", *, name: str | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors save() writes, keyed as in the file."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown LoRA format {format!r}; expected one of {FORMATS}")
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return (t if dtype is None else t.to(dtype)).contiguous()
+
+    out: dict[str, torch.Tensor] = {}
+    for part, module in model_parts(model).items():
+        namer = _namer(part, module)
+        seen: dict[str, str] = {}
+        for path, layer in named_lora_layers(module, name):
+            if path in seen:
+                raise ValueError(f"{path} carries several LoRAs ({seen[path]!r}, {layer.name!r}); "
+                                 f"pass name= to choose which one to save")
+            seen[path] = layer.name
+            down, up, alpha = _factors(layer)
+            if format == "kohya":
+                key = namer(path, "kohya")
+                out[f"{key}.lora_down.weight"] = cast(down)
+                out[f"{key}.lora_up.weight"] = cast(up)
+                out[f"{key}.alpha"] = torch.tensor(float(alpha))
+            else:
+                # diffusers/peft readers take alpha = rank when a file has none: fold alpha/r into B.
+                key = names.DIFFUSERS_PREFIX[part] + namer(path, "diffusers")
+                out[f"{key}.lora_A.weight"] = cast(down)
+                out[f"{key}.lora_B.weight"] = cast((up.float() * (alpha / down.shape[0])).to(up.dtype))
+    if not out:
+        raise ValueError("the model has no LoRA layers" + ("" if name is None else f" named {name!r}"))
+    return out
+
+
+def _stringify(metadata: dict[str, Any]) -> dict[str, str]:
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
+def save(path: str | os.PathLike, model: Any, format: str = "kohya", *, name: str | None = None,
+         dtype: torch.dtype | None = None, metadata: dict[str, Any] | None = None) -> dict[str, str]:
+    """Write the LoRA of `model` (a UNet, a text encoder, or both) to a .safetensors file; return its metadata.
+
+    kohya: 'lora_unet_<diffusers name>.lora_down.weight' / '.lora_up.weight' / '.alpha', with the
+    sd-scripts metadata (ss_network_dim, ss_network_alpha, ss_base_model_version, ...). Alphas are
+    written so that alpha / rank is each layer's scale, which is what every reader computes; rsLoRA is
+    noted in 'lora_scaling' so that load() can give the original alpha back.
+    diffusers: 'unet.<diffusers name>.lora_A.weight' / '.lora_B.weight' with alpha/rank folded into B.
+    metadata: extra entries (e.g. the training config); non-string values are stored as JSON.
+    The write is atomic: a temp file in the same folder, then os.replace.
+    """
+    tensors = lora_state_dict(model, format, name=name, dtype=dtype)
+    parts = model_parts(model)
+    layers = [layer for module in parts.values() for _, layer in named_lora_layers(module, name)]
+    meta: dict[str, Any] = {"format": "pt"}
+    if format == "kohya":
+        rs = {layer.rs for layer in layers}
+        ranks = Counter(layer.rank for layer in layers)
+        alphas = Counter(layer.scale * layer.rank for layer in layers)
+        conv = [layer for layer in layers if any(k > 1 for k in getattr(layer, "kernel_size", ()))]
+        version = _base_version(model, parts)
+        meta.update({
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(ranks.most_common(1)[0][0]),
+            "ss_network_alpha": f"{alphas.most_common(1)[0][0]:g}",
+            "ss_base_model_version": version,
+            "ss_v2": str(version.startswith("sd_v2")),
+            SCALING_KEY: "alpha/sqrt(r)" if rs == {True} else "alpha/r",
+        })
+        if conv:
+            meta["ss_network_args"] = json.dumps({"conv_dim": str(conv[0].rank),
+                                                  "conv_alpha": f"{conv[0].scale * conv[0].rank:g}"})
+        if any(layer.pissa for layer in layers):
+            meta["lora_init"] = "pissa (saved as the rank-2r change from the original weights)"
+    meta.update(metadata or {})
+    meta = _stringify(meta)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return meta
+
+
+# ------------------------------------------------------------------------------------------ read
+
+@dataclass
+class _Entry:
+    part: str
+    module: str          # the module name as the file spells it
+    fmt: str             # "kohya" or "diffusers": which naming `module` follows
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    alpha: float | None = None
+    keys: list[str] = field(default_factory=list)
+
+
+_KOHYA_KEY = re.compile(r"(lora_unet|lora_te\d?)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)")
+_KOHYA_ANY = re.compile(r"(lora_unet|lora_te\d?)_([^.]+)\.(.+)")
+# diffusers/peft suffixes: current peft, the LoRACompatible layers (~0.19-0.24), and attention processors.
+_DIFF_SUFFIXES = [
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
+    (".alpha", "alpha"),
+]
+# What we recognise but do not implement, by key fragment.
+_UNSUPPORTED = [
+    ("lora_mid", "LoCon/LoHa Tucker factors (lora_mid)"),
+    ("hada_", "LoHa (hada_*)"),
+    ("lokr_", "LoKr (lokr_*)"),
+    ("dora_scale", "DoRA (dora_scale)"),
+    ("lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
+    (".diff", "full weight differences (.diff)"),
+    ("oft_", "OFT"), ("boft_", "BOFT"), ("ia3", "IA3"),
+]
+
+
+def _fix_diffusers_module(part: str, module: str) -> str:
+    """Old diffusers names -> module names: attention processors and to_*_lora text-encoder keys."""
+    module = module.replace(".processor.", ".")
+    if part == "te":
+        for old, new in (("to_q", "q_proj"), ("to_k", "k_proj"), ("to_v", "v_proj"), ("to_out", "out_proj")):
+            if module.endswith(f"self_attn.{old}"):
+                return module[: -len(old)] + new
+    elif module.endswith(".to_out"):
+        return module + ".0"
+    return module
+
+
+def _parse(tensors: dict[str, torch.Tensor]) -> tuple[dict[tuple, _Entry], dict[str, list[str]]]:
+    """Group a file's tensors by module; also return {problem: [keys]} for keys we cannot use."""
+    entries: dict[tuple, _Entry] = {}
+    problems: dict[str, list[str]] = {}
+
+    def add(part: str, module: str, fmt: str, role: str, key: str) -> None:
+        entry = entries.setdefault((part, module, fmt), _Entry(part, module, fmt))
+        if role == "alpha":
+            entry.alpha = float(tensors[key].float().item())
+        else:
+            setattr(entry, role, tensors[key])
+        entry.keys.append(key)
+
+    for key in tensors:
+        unsupported = next((what for frag, what in _UNSUPPORTED if frag in key), None)
+        if unsupported:
+            problems.setdefault(f"unsupported LoRA type: {unsupported}", []).append(key)
+            continue
+        m = _KOHYA_KEY.fullmatch(key)
+        if m:
+            prefix, module, role = m.groups()
+            if prefix in ("lora_te1", "lora_te2"):
+                problems.setdefault("SDXL text-encoder keys (lora_te1_/lora_te2_): this is an SDXL LoRA",
+                                    []).append(key)
+                continue
+            part = "unet" if prefix == "lora_unet" else "te"
+            add(part, f"{prefix}_{module}", "kohya", {"lora_down.weight": "down", "lora_up.weight": "up",
+                                                      "alpha": "alpha"}[role], key)
+            continue
+        if _KOHYA_ANY.fullmatch(key):
+            problems.setdefault("unknown kohya key suffix", []).append(key)
+            continue
+        suffix = next(((s, role) for s, role in _DIFF_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            problems.setdefault("unknown key", []).append(key)
+            continue
+        module = key[: -len(suffix[0])].removeprefix("base_model.model.")
+        if module.startswith("text_encoder_2."):
+            problems.setdefault("SDXL second text encoder (text_encoder_2.)", []).append(key)
+            continue
+        if module.startswith("unet."):
+            part, module = "unet", module[len("unet."):]
+        elif module.startswith("text_encoder."):
+            part, module = "te", module[len("text_encoder."):]
+        else:
+            part = "te" if module.startswith("text_model.") else "unet"
+        add(part, _fix_diffusers_module(part, module), "diffusers", suffix[1], key)
+    return entries, problems
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no LoRA file at {path}")
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{path}: expected a flat dict of tensors")
+    return data, {}
+
+
+def _as_weight_shape(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """1x1 conv factors and linear factors are the same numbers: reshape between them."""
+    if t.ndim == 4 and ndim == 2 and t.shape[2:] == (1, 1):
+        return t.flatten(1)
+    if t.ndim == 2 and ndim == 4:
+        return t[:, :, None, None]
+    return t
+
+
+# SD2's OpenCLIP keeps q, k, v in one (3w, w) tensor; a LoRA for q_proj is a LoRA for one third of it.
+_PACKED = re.compile(r"(.+)\.in_proj_weight\[([qkv])\]")
+
+
+def _packed_qkv(te: nn.Module) -> dict[str, str]:
+    """{'text_model.encoder.layers.N.self_attn.q_proj': '<attn path>.in_proj_weight[q]', ...} for OpenCLIP."""
+    out = {}
+    for path, module in te.named_modules():
+        m = re.fullmatch(r"(?:.*\.)?resblocks\.(\d+)\.attn", path)
+        if m and isinstance(getattr(module, "in_proj_weight", None), nn.Parameter):
+            for x in "qkv":
+                out[f"text_model.encoder.layers.{m.group(1)}.self_attn.{x}_proj"] = f"{path}.in_proj_weight[{x}]"
+    return out
+
+
+def _target_weight(module: nn.Module, mpath: str) -> torch.Tensor:
+    """The weight a LoRA entry changes: a module's weight, or a view of a third of a packed q/k/v tensor."""
+    m = _PACKED.fullmatch(mpath)
+    if m:
+        w = module.get_submodule(m.group(1)).in_proj_weight
+        n = w.shape[0] // 3
+        i = "qkv".index(m.group(2))
+        return w[i * n:(i + 1) * n]  # a view, so merging into it changes the packed tensor
+    return module.get_submodule(mpath).weight
+
+
+def _peft_configs(metadata: dict[str, str], path: str) -> dict[str, dict]:
+    """diffusers' 'lora_adapter_metadata' (peft LoraConfig fields, keyed 'unet.lora_alpha' ...) by model part."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: unreadable lora_adapter_metadata ({err})") from err
+    if "lora_alpha" in data or "r" in data:  # written by a single model, without a part prefix
+        return {"unet": data, "te": data}
+    out: dict[str, dict] = {}
+    for key, value in data.items():
+        prefix, _, name = key.partition(".")
+        part = {"unet": "unet", "text_encoder": "te"}.get(prefix)
+        if part:
+            out.setdefault(part, {})[name] = value
+    return out
+
+
+def _alpha_rule(entry: _Entry, rank: int, rs_file: bool, peft: dict[str, dict]) -> tuple[float, bool]:
+    """(alpha, rank-stabilised?) for one module of a file."""
+    if entry.alpha is not None:
+        if rs_file:  # our rsLoRA files hold alpha·sqrt(r), so that alpha_file / r is the scale for every reader
+            return entry.alpha / math.sqrt(rank), True
+        return entry.alpha, False
+    config = peft.get(entry.part)
+    if entry.fmt == "diffusers" and config:
+        alpha = config.get("lora_alpha", rank)
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if re.fullmatch(rf"(.*\.)?({pattern})", entry.module):  # peft's rule for pattern keys
+                alpha = value
+                break
+        return float(alpha), bool(config.get("use_rslora", False))
+    return float(rank), False  # no alpha anywhere: alpha = rank, scale 1
+
+
+@dataclass
+class LoadedLoRA:
+    """What load() did: the adapter name (for set_multiplier / merge / remove), the modules, the file's metadata."""
+    name: str
+    path: str
+    format: str
+    modules: list[str]
+    merged: bool
+    skipped: list[str]
+    metadata: dict[str, str]
+
+
+def _describe(path: str, problems: dict[str, list[str]], hints: list[str]) -> str:
+    lines = [f"cannot load LoRA file {path}: nothing was changed."]
+    for what, items in problems.items():
+        shown = "".join(f"\n      {x}" for x in items[:12])
+        more = f"\n      ... and {len(items) - 12} more" if len(items) > 12 else ""
+        lines.append(f"  - {what} ({len(items)}):{shown}{more}")
+    lines += [f"  hint: {h}" for h in hints]
+    return "\n".join(lines)
+
+
+def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool = False,
+         name: str | None = None, strict: bool = True, trainable: bool = False,
+         dtype: torch.dtype | None = None) -> LoadedLoRA:
+    """Apply a LoRA file to `model` (a UNet, a text encoder, a dict of them, or an object with .unet).
+
+    Reads our files, sd-scripts/kohya files, LyCORIS LoCon files, and diffusers/peft files. A module
+    without alpha gets alpha = rank. merge=False adds live layers named `name` (default: the file's
+    stem) whose multiplier is `scale`; several files can be loaded, each adjustable with
+    set_multiplier(model, s, name). merge=True adds scale · B·A straight into the weights instead.
+    Everything is checked before the model is touched: keys that match no module, shape mismatches
+    (e.g. a LoRA for another base model) and unsupported LoRA types raise one ValueError listing them.
+    strict=False skips (and reports in .skipped) keys for modules the model does not have.
+    trainable=True (with e.g. dtype=torch.float32) gives layers to go on training, as inject() makes.
+    """
+    path = str(path)
+    tensors, metadata = _read(path)
+    entries, problems = _parse(tensors)
+    parts = model_parts(model)
+    rs = metadata.get(SCALING_KEY) == "alpha/sqrt(r)"
+    peft = _peft_configs(metadata, path)
+    name = name or Path(path).stem
+    if not merge:
+        used = {layer.name for module in parts.values() for _, layer in named_lora_layers(module)}
+        if name in used:
+            raise ValueError(f"the model already has a LoRA named {name!r}; pass another name=")
+
+    lookups: dict[tuple[str, str], dict[str, str]] = {}
+    for part, module in parts.items():
+        namer = _namer(part, module)
+        kohya, diffusers = {}, {}
+        for mpath, _ in candidates(module):
+            try:
+                kohya[namer(mpath, "kohya")] = mpath
+                diffusers[namer(mpath, "diffusers")] = mpath
+            except ValueError:
+                pass  # a layer outside the kohya/diffusers naming (none in SD1/SD2 models)
+            if part == "unet":
+                kohya.setdefault(names.kohya_ldm_name(mpath), mpath)  # sd-scripts' LDM spelling (SDXL style)
+        if part == "te":
+            for hf, packed in _packed_qkv(module).items():
+                kohya[names.KOHYA_PREFIX["te"] + hf.replace(".", "_")] = packed
+                diffusers[hf] = packed
+        lookups[(part, "kohya")], lookups[(part, "diffusers")] = kohya, diffusers
+
+    plan: list[tuple[str, str, _Entry]] = []  # (part, module path, entry)
+    skipped: list[str] = []
+    hints: list[str] = []
+    part_names = {"unet": "UNet", "te": "text encoder"}
+    for (part, fname, fmt), entry in entries.items():
+        if part not in parts:
+            what = f"keys for a {part_names[part]}, but none was given (pass {{'unet': ..., 'text_encoder': ...}})"
+            (skipped if not strict else problems.setdefault(what, [])).extend(entry.keys)
+            continue
+        mpath = lookups[(part, fmt)].get(fname)
+        if mpath is None:
+            what = f"keys that match no {part_names[part]} module"
+            (skipped if not strict else problems.setdefault(what, [])).extend(entry.keys)
+            continue
+        if entry.down is None or entry.up is None:
+            problems.setdefault("modules missing their down or up weight", []).append(fname)
+            continue
+        if _PACKED.fullmatch(mpath) and not merge:
+            problems.setdefault("q/k/v of SD2's OpenCLIP text encoder are one packed tensor (attn.in_proj_weight) "
+                                "with no layer to wrap: load with merge=True", []).append(fname)
+            continue
+        weight = _target_weight(parts[part], mpath)
+        down = _as_weight_shape(entry.down, weight.ndim)
+        up = _as_weight_shape(entry.up, weight.ndim)
+        r = down.shape[0]
+        want_down = (r, *weight.shape[1:])
+        want_up = (weight.shape[0], r, *((1, 1) if weight.ndim == 4 else ()))
+        if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
+            problems.setdefault("shape mismatches (file down/up vs what the model's layer needs)", []).append(
+                f"{fname}: down {tuple(entry.down.shape)} up {tuple(entry.up.shape)}; "
+                f"{mpath} needs down {want_down} up {want_up}")
+            if mpath.endswith("attn2.to_k") and down.ndim == 2 and down.shape[1] != weight.shape[1]:
+                hint = (f"the file's cross-attention context width is {down.shape[1]} but the model's is "
+                        f"{weight.shape[1]} (768: SD1 CLIP-L, 1024: SD2 OpenCLIP-H): a LoRA for another base model")
+                if hint not in hints:
+                    hints.append(hint)
+            continue
+        entry.down, entry.up = down, up
+        plan.append((part, mpath, entry))
+
+    file_version = metadata.get("ss_base_model_version")
+    model_version = _base_version(model, parts)
+    if problems and file_version and "unet" in parts and file_version[:5] != model_version[:5]:
+        hints.append(f"the file says ss_base_model_version={file_version}; the model is {model_version}")
+    if problems:
+        raise ValueError(_describe(path, problems, hints))
+    if not plan:
+        raise ValueError(f"cannot load LoRA file {path}: no LoRA weights for this model in it")
+
+    modules = []
+    for part, mpath, entry in plan:
+        module = parts[part]
+        r = entry.down.shape[0]
+        alpha, layer_rs = _alpha_rule(entry, r, rs, peft)
+        if merge:
+            weight = _target_weight(module, mpath)
+            file_scale = alpha / (math.sqrt(r) if layer_rs else r)
+            delta = (entry.up.float().flatten(1) @ entry.down.float().flatten(1)).view(weight.shape)
+            with torch.no_grad():
+                weight.copy_((weight.float() + (scale * file_scale) * delta).to(weight.dtype))
+        else:
+            layer = wrap(module.get_submodule(mpath), r, alpha, rs=layer_rs, multiplier=scale, name=name,
+                         dtype=dtype)
+            with torch.no_grad():
+                layer.lora_down.weight.copy_(entry.down)
+                layer.lora_up.weight.copy_(entry.up)
+            # Only the new factors' flags change; the base layer keeps whatever it had.
+            layer.lora_down.weight.requires_grad_(trainable)
+            layer.lora_up.weight.requires_grad_(trainable)
+            _set_module(module, mpath, layer)
+        modules.append(f"{part}:{mpath}" if len(parts) > 1 else mpath)
+    if trainable and not merge:
+        for module in parts.values():
+            freeze_base(module)  # as inject() leaves it: only LoRA factors train
+    fmt = "kohya" if any(e.fmt == "kohya" for _, _, e in plan) else "diffusers"
+    return LoadedLoRA(name=name, path=path, format=fmt, modules=modules, merged=merge, skipped=skipped,
+                      metadata=metadata)
