@@ -1,0 +1,295 @@
+"""sample.py: text to image from a Stable Diffusion 1.x/2.x checkpoint with optional LoRAs; PNGs carry A1111 parameters.
+
+    python sample.py --ckpt model.safetensors --prompt "a photo of a cat" --lora style.safetensors:0.8 \
+        --sampler dpmpp_2m --karras --steps 25 --cfg 7.5 --seed 0 --size 512x512 --batch 4 --out outputs --grid
+    python sample.py --ckpt model.safetensors --prompt "..." --lora style.safetensors --lora-scales 0,0.5,1
+
+Every input that can be checked without the weights (sizes, files, sampler name, whether each LoRA fits the
+checkpoint's architecture) is checked before a single weight is read.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class InputError(ValueError):
+    """Bad input found before sampling; main() prints it as `sample.py: error: ...` and exits with status 2."""
+
+
+@dataclass
+class LoraSpec:
+    path: Path
+    scale: float
+    name: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x768' -> (width 512, height 768); '512' -> (512, 512). Both must be positive multiples of 8."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        width, height = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+        if len(parts) > 2:
+            raise ValueError
+    except ValueError:
+        raise InputError(f"--size {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 512x512 or 768x512") from None
+    for name, v in (("width", width), ("height", height)):
+        if v <= 0 or v % 8:
+            raise InputError(f"--size {text}: {name} {v} is not a positive multiple of 8 "
+                             f"(the VAE works on 8x8 pixel blocks); try {max(8, round(v / 8) * 8)}")
+    return width, height
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """'FILE' or 'FILE:SCALE' (the last ':' starts the scale only if what follows is a number)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return LoraSpec(Path(path), float(scale)) if path else LoraSpec(Path(text), 1.0)
+    except ValueError:
+        return LoraSpec(Path(text), 1.0)
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"--lora-scales {text!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
+    if not scales:
+        raise InputError("--lora-scales: give at least one number, e.g. 0,0.5,1")
+    return scales
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sampling import SAMPLERS, SPACINGS
+
+    p = argparse.ArgumentParser(
+        prog="sample.py",
+        description="Text to image with a Stable Diffusion 1.x/2.x checkpoint, optional LoRAs and samplers written "
+                    "in this project. Writes PNGs carrying their generation parameters (A1111 `parameters` text).",
+        epilog="Example: python sample.py --ckpt v1-5.safetensors --prompt 'a cat' --lora style.safetensors:0.8 "
+               "--lora-scales 0,0.5,1 --batch 2 --out outputs")
+    p.add_argument("--ckpt", required=True, type=Path, metavar="PATH",
+                   help="checkpoint file, .safetensors or .ckpt in the original SD layout (required)")
+    p.add_argument("--prompt", required=True, help="what to draw (required)")
+    p.add_argument("--negative", default="", metavar="TEXT",
+                   help="negative prompt (default: empty, SD's unconditional prompt)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA file and its multiplier (default SCALE: 1); repeat for several LoRAs (default: none)")
+    p.add_argument("--lora-scales", default=None, metavar="S1,S2,...",
+                   help="render the same seeds at each of these LoRA multipliers (each times the file's SCALE) and "
+                        "write them side by side in one grid, e.g. 0,0.5,1 (default: off)")
+    p.add_argument("--sampler", default="dpmpp_2m", metavar="NAME",
+                   help=f"one of {', '.join(SAMPLERS)} (default: dpmpp_2m)")
+    p.add_argument("--karras", action="store_true", help="Karras noise levels, dpmpp_2m only (default: off)")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM noise, ddim only: 0 deterministic, 1 DDPM-like (default: 0)")
+    p.add_argument("--spacing", default="leading", choices=SPACINGS,
+                   help="timestep spacing: leading (SD's), trailing (starts at pure noise) or linspace "
+                        "(default: leading)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps, 1-1000 (default: 25)")
+    p.add_argument("--cfg", type=float, default=7.5,
+                   help="classifier-free guidance scale; 1 means no guidance (default: 7.5)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the first image; image i uses seed+i; -1 picks one at random (default: 0)")
+    p.add_argument("--size", default="512x512", metavar="WxH",
+                   help="image width x height in pixels, multiples of 8 (64 for SD) (default: 512x512)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="number of images, with seeds seed .. seed+batch-1, run as one batch (default: 1)")
+    p.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR",
+                   help="output folder, created if missing; files are never overwritten (default: outputs)")
+    p.add_argument("--grid", action="store_true", help="also write a grid of the batch (default: off)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of the weights and activations (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 (default: cuda if available, else cpu)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                   help="override the detected prediction type; SD2 768-v and 512 files have the same shapes "
+                        "(default: detected)")
+    p.add_argument("--vae-slice", type=int, default=None, metavar="N",
+                   help="images per VAE decode pass, to bound memory (default: 1 above 512x512 pixels, else all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages (default: off)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> tuple[int, int, list[LoraSpec], list[float] | None]:
+    """Everything that needs no file contents: raises InputError with a readable message."""
+    from sampling import SAMPLERS
+
+    if args.sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {args.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    width, height = parse_size(args.size)
+    if args.steps < 1 or args.steps > 1000:
+        raise InputError(f"--steps must be between 1 and 1000, got {args.steps}")
+    if args.batch < 1:
+        raise InputError(f"--batch must be >= 1, got {args.batch}")
+    if args.cfg < 0 or not math.isfinite(args.cfg):
+        raise InputError(f"--cfg must be a finite number >= 0, got {args.cfg}")
+    if args.karras and args.sampler != "dpmpp_2m":
+        raise InputError(f"--karras applies to dpmpp_2m only, not to {args.sampler}")
+    if args.eta and args.sampler != "ddim":
+        raise InputError(f"--eta applies to ddim only, not to {args.sampler}")
+    if args.eta < 0:
+        raise InputError(f"--eta must be >= 0, got {args.eta}")
+    if args.seed < -1:
+        raise InputError(f"--seed must be >= 0 (or -1 for a random seed), got {args.seed}")
+    if args.vae_slice is not None and args.vae_slice < 1:
+        raise InputError(f"--vae-slice must be >= 1, got {args.vae_slice}")
+    if not args.ckpt.is_file():
+        raise InputError(f"--ckpt {args.ckpt}: no such file")
+    loras = [parse_lora(text) for text in args.lora]
+    for spec in loras:
+        if not spec.path.is_file():
+            raise InputError(f"--lora {spec.path}: no such file")
+    _name_loras(loras)
+    scales = parse_scales(args.lora_scales) if args.lora_scales is not None else None
+    if scales is not None and not loras:
+        raise InputError("--lora-scales needs at least one --lora FILE")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out}: exists and is not a folder")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError as err:
+            raise InputError(f"--device {args.device!r}: {err}") from None
+    return width, height, loras, scales
+
+
+def _name_loras(loras: list[LoraSpec]) -> None:
+    """Adapter names: the file stems, made unique (they label the layers and the <lora:name:scale> tags)."""
+    seen: dict[str, int] = {}
+    for spec in loras:
+        stem = spec.path.stem
+        seen[stem] = seen.get(stem, 0) + 1
+        spec.name = stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"
+
+
+# ------------------------------------------------------------------------------------------ preflight
+
+def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int) -> None:
+    """Read only the checkpoint's header, build its UNet and text encoder on the meta device, and check the image
+    size against the model and each LoRA against the model (a LoRA for another base fails here), all before any
+    weight is read."""
+    import lora
+    import sd
+    from sd.load import _build, detect_version, split_parts  # the same architecture inference sd.load uses
+    from sd.model import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+
+    try:
+        ckpt_file = sd.CheckpointFile(ckpt)
+        parts = split_parts(ckpt_file)
+        version = detect_version(parts)
+        models = _build(ckpt_file, parts, version, None)
+    except sd.CheckpointError as err:
+        raise InputError(str(err)) from None
+    unet, vae, text = models[UNET_PREFIX], models[VAE_PREFIX], models[TEXT_PREFIX]
+    multiple = vae.cfg.downsample_factor * 2 ** (len(unet.cfg.channel_mult) - 1)
+    for name, v in (("width", width), ("height", height)):
+        if v % multiple:
+            raise InputError(f"--size {width}x{height}: {name} {v} is not a multiple of {multiple}; this model's VAE "
+                             f"and UNet downsample by {multiple} in all (try {max(multiple, round(v / multiple) * multiple)})")
+    for spec in loras:
+        try:
+            info = lora.load(spec.path, {"unet": unet, "text_encoder": text}, scale=spec.scale, name=spec.name)
+        except (ValueError, TypeError, OSError) as err:
+            raise InputError(f"--lora {spec.path} does not fit {ckpt.name} ({version}): {err}") from None
+        # Shapes fit; a file that names another base still deserves a word (an attn1-only LoRA fits SD1 and SD2).
+        said = info.metadata.get("ss_base_model_version", "")
+        family = "sd1" if said.startswith("sd_v1") else "sd2" if said.startswith("sd_v2") else None
+        if family and family != version:
+            print(f"warning: --lora {spec.path} says it was trained on {said}, but {ckpt.name} is {version}",
+                  file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def _set_lora_multipliers(model, loras: list[LoraSpec], factor: float) -> None:
+    import lora
+
+    for spec in loras:
+        for part in (model.unet, model.text_encoder):
+            if lora.lora_layers(part, spec.name):
+                lora.set_multiplier(part, spec.scale * factor, spec.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        width, height, loras, scales = check_args(args)
+        preflight(args.ckpt, loras, width, height)
+    except InputError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+    import lora
+    import sd
+    from sampling import a1111_parameters, generate, grid, next_index, save_png, to_pil
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    seed = args.seed if args.seed >= 0 else secrets.randbelow(2**32)
+    seeds = [seed + i for i in range(args.batch)]
+    progress = not args.quiet
+
+    if progress:
+        print(f"loading {args.ckpt} ({dtype}, {device})", file=sys.stderr)
+    model = sd.load(args.ckpt, dtype=dtype, device=device, prediction_type=args.prediction_type)
+    for spec in loras:
+        try:
+            info = lora.load(spec.path, model, scale=spec.scale, name=spec.name)
+        except ValueError as err:
+            parser.exit(2, f"{parser.prog}: error: --lora {spec.path}: {err}\n")
+        if progress:
+            print(f"LoRA {spec.name}: {len(info.modules)} layers, multiplier {spec.scale:g}", file=sys.stderr)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    index = next_index(args.out)
+    first_index = index
+    written: list[Path] = []
+    columns: list[list] = []  # one list of PIL images per LoRA scale (or a single one)
+
+    def parameters(seed_: int, factor: float | None, extra: dict | None = None) -> str:
+        active = [(spec.name, spec.scale * (1.0 if factor is None else factor)) for spec in loras]
+        return a1111_parameters(args.prompt, args.negative, steps=args.steps, sampler=args.sampler, cfg=args.cfg,
+                                seed=seed_, width=width, height=height, model=args.ckpt.stem, karras=args.karras,
+                                eta=args.eta, spacing=args.spacing, loras=active, extra=extra)
+
+    for factor in scales if scales is not None else [None]:
+        if factor is not None:
+            _set_lora_multipliers(model, loras, factor)
+        label = f"LoRA x{factor:g}" if factor is not None else args.sampler
+        images = to_pil(generate(model, [args.prompt] * args.batch, args.negative, sampler=args.sampler,
+                                 steps=args.steps, cfg=args.cfg, seed=seeds, height=height, width=width,
+                                 karras=args.karras, eta=args.eta, spacing=args.spacing, slice_size=args.vae_slice,
+                                 progress=label if progress else False))
+        suffix = f"-lora{factor:g}" if factor is not None else ""
+        for s, image in zip(seeds, images):
+            written.append(save_png(image, args.out / f"{index:05d}-{s}{suffix}.png", parameters(s, factor)))
+            index += 1
+        columns.append(images)
+
+    if scales is not None:
+        # Rows are seeds, columns are scales: the same image at each multiplier reads left to right.
+        cells = [columns[c][r] for r in range(args.batch) for c in range(len(scales))]
+        sheet = grid(cells, cols=len(scales), col_labels=[f"LoRA x{s:g}" for s in scales],
+                     row_labels=[f"seed {s}" for s in seeds] if args.batch > 1 else None)
+        extra = {"LoRA scales": ", ".join(f"{s:g}" for s in scales)}
+        written.append(save_png(sheet, args.out / f"grid-{first_index:05d}-lora-scales.png",
+                                parameters(seed, None, extra)))
+    elif args.grid:
+        written.append(save_png(grid(columns[0]), args.out / f"grid-{first_index:05d}.png", parameters(seed, None)))
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
