@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the first image; image i uses seed+i; -1 picks one at random (default: 0)")
     p.add_argument("--size", default="512x512", metavar="WxH",
-                   help="image width x height in pixels, multiples of 8 (64 for SD) (default: 512x512)")
+                   help="image width x height in pixels, multiples of 8 (default: 512x512)")
     p.add_argument("--batch", type=int, default=1,
                    help="number of images, with seeds seed .. seed+batch-1, run as one batch (default: 1)")
     p.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR",
@@ -180,22 +180,19 @@ def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int) -> Non
     weight is read."""
     import lora
     import sd
-    from sd.load import _build, detect_version, split_parts  # the same architecture inference sd.load uses
+    from sd.load import build_meta  # the same architecture inference sd.load uses, on the header only
     from sd.model import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
     try:
-        ckpt_file = sd.CheckpointFile(ckpt)
-        parts = split_parts(ckpt_file)
-        version = detect_version(parts)
-        models = _build(ckpt_file, parts, version, None)
+        _, version, models = build_meta(ckpt)
     except sd.CheckpointError as err:
         raise InputError(str(err)) from None
     unet, vae, text = models[UNET_PREFIX], models[VAE_PREFIX], models[TEXT_PREFIX]
-    multiple = vae.cfg.downsample_factor * 2 ** (len(unet.cfg.channel_mult) - 1)
+    multiple = vae.cfg.downsample_factor
     for name, v in (("width", width), ("height", height)):
         if v % multiple:
             raise InputError(f"--size {width}x{height}: {name} {v} is not a multiple of {multiple}; this model's VAE "
-                             f"and UNet downsample by {multiple} in all (try {max(multiple, round(v / multiple) * multiple)})")
+                             f"downsamples by {multiple} (try {max(multiple, round(v / multiple) * multiple)})")
     for spec in loras:
         try:
             info = lora.load(spec.path, {"unet": unet, "text_encoder": text}, scale=spec.scale, name=spec.name)

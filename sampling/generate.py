@@ -50,16 +50,17 @@ def guided_denoiser(unet: nn.Module, prediction_type: str, cond: torch.Tensor, u
 
 
 def size_multiple(model) -> int:
-    """Image sides must be multiples of this: the VAE's downsampling times the UNet's (2 per extra level)."""
-    return model.vae.cfg.downsample_factor * 2 ** (len(model.unet.cfg.channel_mult) - 1)
+    """Image sides must be multiples of this: the VAE's downsampling (8 for SD). The UNet takes any latent size:
+    its upsamplers follow the skip connections' sizes."""
+    return model.vae.cfg.downsample_factor
 
 
 def check_size(height: int, width: int, multiple: int = 8) -> None:
     """A ValueError unless both sides are positive multiples of `multiple` (see size_multiple)."""
     for name, v in (("height", height), ("width", width)):
         if v <= 0 or v % multiple:
-            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v} (the model's VAE and UNet "
-                             f"downsample by {multiple} in all; try {max(multiple, round(v / multiple) * multiple)})")
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v} (the model's VAE "
+                             f"downsamples by {multiple}; try {max(multiple, round(v / multiple) * multiple)})")
 
 
 def seed_list(seed: int | Sequence[int], n: int) -> list[int]:
@@ -142,7 +143,7 @@ def generate(model, prompts: str | Sequence[str], negative: str | Sequence[str] 
     cfg: classifier-free guidance scale (1 = conditional only, no negative pass).
     seed: image i uses seed + i (or pass one seed per image); the same seed gives the same image whatever the
         batch. noise: the starting latents instead (unit variance, [B, 4, height/8, width/8] for SD).
-    height, width: in pixels, multiples of 64 for SD (size_multiple(model)).
+    height, width: in pixels, multiples of 8 for SD (size_multiple(model)).
     karras: Karras sigmas (dpmpp_2m only); eta: DDIM's noise (ddim only); spacing: "leading" (SD's default),
         "trailing" or "linspace".
     slice_size: images per VAE decode pass; None decodes one at a time above 512x512 pixels, else all at once.

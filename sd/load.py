@@ -131,6 +131,18 @@ def _text_encoder(cls: type, cfg, layer: str | None) -> nn.Module:
     return cls(cfg, layer=layer) if layer else cls(cfg)
 
 
+def build_meta(path: str | os.PathLike, text_layer: str | None = None) -> tuple[CheckpointFile, str, dict[str, nn.Module]]:
+    """Read only a file's header: check it and build its parts on the meta device, without reading a weight.
+    Returns (opened file, version, {prefix: meta module}); used for early checks (sizes, LoRA fit) before loading."""
+    ckpt = CheckpointFile(path)
+    parts = split_parts(ckpt)
+    try:
+        version = detect_version(parts)
+    except CheckpointError as err:
+        raise CheckpointError(f"{ckpt.path}: {err}") from err
+    return ckpt, version, _build(ckpt, parts, version, text_layer)
+
+
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
          prediction_type: str | None = None, text_layer: str | None = None) -> StableDiffusion:
     """Load an original Stable Diffusion 1.x/2.x checkpoint (.safetensors or .ckpt).
@@ -144,13 +156,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: to
     """
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    ckpt = CheckpointFile(path)
+    ckpt, version, models = build_meta(path, text_layer)
     parts = split_parts(ckpt)
-    try:
-        version = detect_version(parts)
-    except CheckpointError as err:
-        raise CheckpointError(f"{ckpt.path}: {err}") from err
-    models = _build(ckpt, parts, version, text_layer)
     for prefix, model in models.items():
         tensors = {k: ckpt.read(prefix + k, dtype, device) for k in parts[prefix]}
         if prefix == TEXT_PREFIX:

@@ -255,3 +255,18 @@ def test_gradient_checkpointing_same_grads():
     assert plain.keys() == ckpt.keys()
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_latent_sides_that_do_not_halve_evenly_match_diffusers():
+    """SD sizes are multiples of 8 pixels, so latents need not halve evenly (65 -> 33 -> 17): upsampling
+    follows the skip's size, as diffusers does."""
+    cfg = RICH
+    ours = randomize(UNetModel(cfg), seed=4).eval()
+    ref = diffusers_reference(cfg, ours.state_dict())
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, cfg.in_channels, 9, 13, generator=g)
+    c = torch.randn(1, 7, cfg.context_dim, generator=g)
+    with torch.no_grad():
+        got, want = ours(x, torch.tensor([500.0]), c), ref(x, torch.tensor([500.0]), encoder_hidden_states=c).sample
+    assert got.shape == x.shape
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
