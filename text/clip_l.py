@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from ._state import block_count, check_matches, check_tokens, shape_of
 from .tokenizer import END_ID, PAD_ID_CLIP_L, START_ID
@@ -79,7 +78,9 @@ class ClipLConfig:
         heads = max(1, width // 64)
         return cls(vocab_size, width, layers, heads, mlp_width, context_length)
 
-    def to_transformers(self) -> CLIPTextConfig:
+    def to_transformers(self) -> "CLIPTextConfig":  # noqa: F821
+        from transformers import CLIPTextConfig  # imported here: transformers takes seconds to import
+
         return CLIPTextConfig(
             vocab_size=self.vocab_size,
             hidden_size=self.width,
@@ -112,6 +113,8 @@ class ClipLTextEncoder(nn.Module):
             raise ValueError(f"{WHAT}: layer='penultimate' needs at least 2 blocks, config has {config.layers}")
         self.config = config
         self.layer = layer
+        from transformers import CLIPTextModel
+
         model = CLIPTextModel(config.to_transformers())
         if hasattr(model, "text_model"):  # transformers 4.x already nests the layers under `text_model`
             self.transformer = model
