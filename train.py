@@ -95,6 +95,27 @@ def diffusion_loss(unet, schedule, latents, context, seed: int, index: int, cfg:
     return loss.mean()
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list[torch.Tensor],
+                   max_grad_norm: float) -> tuple[float, bool]:
+    """Unscale (fp16), clip, step, zero. Returns (grad norm, whether the step was skipped).
+
+    With a GradScaler, gradients that overflowed fp16 make it skip the update and halve the scale;
+    those skips are normal early in fp16 training and are counted, not treated as errors."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    skipped = False
+    if scaler is not None:
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = scaler.get_scale() < scale_before
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), skipped
+
+
 def prepare_data(cfg: TrainConfig, out: Path, rank: int, world: int) -> Path:
     """Encode the images once (rank 0), reuse the cache afterwards. Returns the cache folder."""
     images = cfg.images
@@ -226,17 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                         raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
                     (scaler.scale(loss / cfg.grad_accum) if scaler else loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            if scaler is not None:
-                scale_before = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                skipped += int(scaler.get_scale() < scale_before)  # the step was skipped for inf/nan gradients
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, was_skipped = optimizer_step(optimizer, scaler, params, cfg.max_grad_norm)
+            skipped += was_skipped
             if ema is not None:
                 with torch.no_grad():
                     for n, p in trainable.items():

@@ -72,7 +72,8 @@ class TrainConfig:
 
     # --- full fine-tuning
     ema_decay: float = opt(0.0, "full mode: keep an EMA of the UNet weights with this decay (0: off)")
-    save_dtype: str = opt("fp16", "dtype of saved full checkpoints: fp16, bf16 or fp32")
+    save_dtype: str = opt("auto", "dtype of the trained UNet tensors in saved full checkpoints: auto (the base file's), "
+                                 "fp16, bf16 or fp32; untouched tensors always keep the base file's dtype")
 
     # --- DreamBooth prior preservation
     class_prompt: str = opt("", "DreamBooth: class prompt for prior-preservation images (empty: off)")
@@ -95,7 +96,7 @@ class TrainConfig:
         choices = {"mode": ("lora", "full"), "lr_schedule": ("constant", "linear", "cosine"),
                    "optimizer": ("adamw", "adamw8bit"), "prediction_type": ("auto", "epsilon", "v_prediction"),
                    "precision": ("auto", "fp32", "bf16", "fp16"), "init": ("kaiming", "gaussian", "pissa"),
-                   "lora_format": ("kohya", "diffusers"), "save_dtype": ("fp16", "bf16", "fp32")}
+                   "lora_format": ("kohya", "diffusers"), "save_dtype": ("auto", "fp16", "bf16", "fp32")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
@@ -191,7 +192,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         key = unknown[0].lstrip("-").split("=")[0].replace("-", "_")
         p.error(f"unknown option {unknown[0]!r}{_closest(key)}")
     values = vars(args)
+    recipe = values.pop("config")
     cfg = TrainConfig()
-    if values.pop("config"):
-        cfg = from_dict(load_yaml(args.config), cfg, source=args.config)
+    if recipe:
+        cfg = from_dict(load_yaml(recipe), cfg, source=recipe)
     return from_dict(values, cfg, source="command line")
