@@ -14,6 +14,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     schedule = model.schedule
     params = list(trainable.values())
     log = open(out / "log.jsonl", "a") if master else None
+    board = tensorboard_writer(out) if master and cfg.tensorboard else None
     skipped = 0
 
     def save_outputs(step: int, final: bool = False) -> None:
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             save_full(model, out / f"model_{name}.safetensors", ema, cfg)
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master, desc=cfg.mode, unit="step")
-    step = start
+    completed = start
     try:
         for step in bar:
             t0 = time.perf_counter()
@@ -248,12 +250,13 @@ def main(argv: list[str] | None = None) -> int:
                     (scaler.scale(loss / cfg.grad_accum) if scaler else loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
             grad_norm, was_skipped = optimizer_step(optimizer, scaler, params, cfg.max_grad_norm)
+            completed = step + 1  # the weights now hold this many updates: what an interrupt must save
             skipped += was_skipped
             if ema is not None:
                 with torch.no_grad():
                     for n, p in trainable.items():
                         ema[n].lerp_(p.float(), 1 - cfg.ema_decay)
-            done = step + 1
+            done = completed
             if master:
                 record = {"step": done, "loss": total, "lr": optimizer.param_groups[0]["lr"],
                           "grad_norm": float(grad_norm), "step_time_s": time.perf_counter() - t0,
@@ -262,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                     record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+                if board is not None:
+                    for key, value in record.items():
+                        if key != "step":
+                            board.add_scalar(f"train/{key}", value, done)
                 bar.set_postfix(loss=f"{total:.4f}", lr=f"{record['lr']:.2e}")
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
                 save_outputs(done)
@@ -269,11 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                 save_state(out, done, trainable, optimizer, scaler, ema, cfg.to_dict())
             if cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.steps and master:
                 validate(cfg, model, out, done)
-        step = cfg.steps
     except KeyboardInterrupt:
         if master:
-            print(f"\ninterrupted: saving the state at step {step} (resume with --resume latest)")
-            save_state(out, step, trainable, optimizer, scaler, ema, cfg.to_dict())
+            print(f"\ninterrupted: saving the state at step {completed} (resume with --resume latest)")
+            save_state(out, completed, trainable, optimizer, scaler, ema, cfg.to_dict())
         return 130
     except NonFiniteLoss as err:
         print(f"\nstopping: {err}. The last good outputs in {out} are kept; lower lr or use bf16/fp32.", file=sys.stderr)
@@ -282,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
         if log:
             log.close()
+        if board is not None:
+            board.close()
 
     save_outputs(cfg.steps, final=True)
     if master:
@@ -293,6 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def tensorboard_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("tensorboard: install the tensorboard package (pip install tensorboard), "
+                         "or leave --tensorboard off; log.jsonl has the same numbers") from None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def save_full(model, path: Path, ema: dict | None, cfg: TrainConfig) -> None:
@@ -357,5 +374,15 @@ def print_toy_summary(before, after, out: Path) -> None:
     (out / "scores.txt").write_text(text + "\n")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (schedulers, `kill`) saves and exits like Ctrl-C
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where SIGINT is ignored
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        sys.exit(main())
+    except ValueError as err:  # bad input (config, files, data): one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

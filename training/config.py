@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,9 @@ class TrainConfig:
             raise ValueError(f"alpha must be >= 0 (0 means alpha = rank), got {self.alpha}")
         if not Path(self.ckpt).is_file():
             raise ValueError(f"ckpt: checkpoint file not found: {self.ckpt}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+                             "log.jsonl in the output folder has the same numbers")
         if self.images and not Path(self.images).is_dir():
             raise ValueError(f"images: dataset folder not found: {self.images}")
 
