@@ -135,11 +135,19 @@ def prepare_data(cfg: TrainConfig, out: Path, rank: int, world: int) -> Path:
 
 
 def toy_images(cfg: TrainConfig, out: Path) -> Path:
-    """The default dataset: the toy world's new-concept images, written once as PNG + caption files."""
-    if Path(cfg.ckpt).resolve() != Path(TrainConfig.ckpt).resolve():
+    """The default dataset: captioned images of the toy world's held-out concept, written once as PNG + .txt."""
+    if not is_toy(cfg):
         raise ValueError("images: no image folder given (--images DIR); only the built-in toy checkpoint has default images")
-    from toy import write_concept_dataset
-    return write_concept_dataset(out / "toy_images", seed=cfg.seed)
+    from toy import world
+    folder = out / f"toy_{cfg.toy_concept}_images"
+    if not folder.is_dir():
+        images, scenes = world.concept_dataset(cfg.toy_concept, cfg.toy_images)
+        world.write_folder(folder, images, scenes)
+    return folder
+
+
+def is_toy(cfg: TrainConfig) -> bool:
+    return Path(cfg.ckpt).resolve() == Path(TrainConfig.ckpt).resolve()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, model, out, cfg.steps)
         if toy_before is not None:
             after = toy_scores(cfg, model, "lora" if cfg.mode == "lora" else "fine-tuned")
-            print_toy_summary(toy_before, after, out)
+            print_toy_summary(cfg, toy_before, after, out)
         print(f"done: outputs in {out}")
     if world > 1:
         dist.destroy_process_group()
@@ -359,19 +367,33 @@ def class_loader(cfg: TrainConfig, model, out: Path, rank: int, world: int) -> L
     return LatentLoader(out / "class_cache", batch_size=cfg.batch_size, seed=cfg.seed + 1)
 
 
-def toy_scores(cfg: TrainConfig, model, label: str):
-    """Concept and forgetting scores, only for the built-in toy checkpoint."""
-    if not cfg.toy_eval or Path(cfg.ckpt).resolve() != Path(TrainConfig.ckpt).resolve():
+def toy_scores(cfg: TrainConfig, model, label: str) -> dict | None:
+    """Concept and forgetting scores from the toy world's detectors (built-in toy checkpoint only)."""
+    if not cfg.toy_eval or not is_toy(cfg):
         return None
-    from toy import evaluate
-    return evaluate(model, seed=cfg.seed, label=label)
+    from toy.evaluate import evaluate
+    print(f"toy: sampling the {label} model for the scores ...")
+    return evaluate(model, cfg.toy_concept, seed=cfg.seed)
 
 
-def print_toy_summary(before, after, out: Path) -> None:
-    from toy import summary
-    text = summary(before, after)
+def print_toy_summary(cfg: TrainConfig, before: dict, after: dict, out: Path) -> None:
+    """The two numbers of the toy experiment, base vs trained, and a before/after grid."""
+    from toy.evaluate import save_grid
+    rows = [("concept score", f"'{cfg.toy_concept}' prompts show a {cfg.toy_concept}", "concept_score"),
+            ("forgetting score", "base-world prompts: colour+shape accuracy", "forgetting_score")]
+    lines = [f"{'':18}{'base':>8}{'trained':>9}   what it measures"]
+    lines += [f"{name:18}{before[key]:8.2f}{after[key]:9.2f}   {what}" for name, what, key in rows]
+    text = "\n".join(lines)
     print(text)
     (out / "scores.txt").write_text(text + "\n")
+    (out / "scores.json").write_text(json.dumps({k: {key: r[key] for key in ("concept_score", "forgetting_score",
+                                                  "base_accuracy")} for k, r in (("base", before), ("trained", after))},
+                                                indent=2))
+    n = 8
+    grid = torch.cat([before["images"]["concept"][:n], after["images"]["concept"][:n],
+                   before["images"]["base"][:n], after["images"]["base"][:n]])
+    path = save_grid(grid, out / "before_after.png", ncol=n)
+    print(f"before/after grid: {path} (rows: concept prompts base, trained; base-world prompts base, trained)")
 
 
 def _interrupt(signum, frame):

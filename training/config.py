@@ -91,6 +91,9 @@ class TrainConfig:
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
     resume: str = opt("", "resume from a training state: a path, or 'latest' for the newest in <out>/state")
     toy_eval: bool = opt(True, "with the built-in toy checkpoint: print concept and forgetting scores before and after")
+    toy_concept: str = opt("star", "with the built-in toy checkpoint and no --images: the held-out concept to learn "
+                                   "(star or purple)")
+    toy_images: int = opt(16, "with the built-in toy checkpoint and no --images: how many concept images to train on")
 
     def validate(self) -> None:
         """Cheap checks that must fail before any model is loaded."""
