@@ -181,13 +181,13 @@ def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int) -> Non
     import lora
     import sd
     from sd.load import build_meta  # the same architecture inference sd.load uses, on the header only
-    from sd.model import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+    from sd.model import UNET_PREFIX, VAE_PREFIX, text_prefix
 
     try:
         _, version, models = build_meta(ckpt)
     except sd.CheckpointError as err:
         raise InputError(str(err)) from None
-    unet, vae, text = models[UNET_PREFIX], models[VAE_PREFIX], models[TEXT_PREFIX]
+    unet, vae, text = models[UNET_PREFIX], models[VAE_PREFIX], models[text_prefix(version)]
     multiple = vae.cfg.downsample_factor
     for name, v in (("width", width), ("height", height)):
         if v % multiple:
@@ -200,7 +200,8 @@ def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int) -> Non
             raise InputError(f"--lora {spec.path} does not fit {ckpt.name} ({version}): {err}") from None
         # Shapes fit; a file that names another base still deserves a word (an attn1-only LoRA fits SD1 and SD2).
         said = info.metadata.get("ss_base_model_version", "")
-        family = "sd1" if said.startswith("sd_v1") else "sd2" if said.startswith("sd_v2") else None
+        family = ("sd1" if said.startswith("sd_v1") else "sd2" if said.startswith("sd_v2")
+                  else "sdxl" if said.startswith("sdxl") else None)
         if family and family != version:
             print(f"warning: --lora {spec.path} says it was trained on {said}, but {ckpt.name} is {version}",
                   file=sys.stderr)

@@ -26,22 +26,44 @@ SCALING_KEY = "lora_scaling"  # our metadata: "alpha/r" or "alpha/sqrt(r)" (how 
 
 # ------------------------------------------------------------------------------------ model parts
 
-_TE_ATTRS = ("text_encoder", "te", "cond_stage_model", "clip", "text")
+_TE_ATTRS = ("text_encoder", "te", "cond_stage_model", "clip", "text", "conditioner")
+# dict keys for SDXL's towers given one by one
+_TE_KEYS = {"te1": "te1", "text_encoder_1": "te1", "te2": "te2", "text_encoder_2": "te2"}
 
 
 def _is_unet(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("input_blocks", "middle_block", "output_blocks"))
 
 
+def _is_sdxl_unet(module: nn.Module) -> bool:
+    """SDXL's UNet is the one that takes y (label_emb); sd-scripts names its modules by LDM paths."""
+    return getattr(getattr(module, "cfg", None), "adm_in_channels", None) is not None
+
+
+def _text_parts(module: nn.Module) -> dict[str, nn.Module]:
+    """{'te': encoder} for SD1/SD2; SDXL's pair of towers (embedders 0 and 1) -> {'te1': CLIP-L, 'te2': OpenCLIP}."""
+    embedders = getattr(module, "embedders", None)
+    if isinstance(embedders, nn.ModuleList) and len(embedders) == 2:
+        return {"te1": embedders[0], "te2": embedders[1]}
+    return {"te": module}
+
+
 def model_parts(model: Any) -> dict[str, nn.Module]:
-    """{'unet': ..., 'te': ...} from a UNet, a text encoder, a dict of them, or an object with .unet / .text_encoder."""
+    """{'unet': ..., 'te': ...} (SDXL: 'te1', 'te2') from a UNet, a text encoder, a dict of them, or an object with
+    .unet / .text_encoder. Dict keys: 'unet', 'text_encoder' (an SDXL text encoder splits into both towers),
+    and for SDXL's towers one by one 'text_encoder_1'/'te1' and 'text_encoder_2'/'te2'."""
     if isinstance(model, dict):
         parts = {}
         for key, module in model.items():
-            part = "unet" if key == "unet" else "te" if key in _TE_ATTRS else None
-            if part is None:
-                raise ValueError(f"unknown model part {key!r}; use 'unet' and 'text_encoder'")
-            parts[part] = module
+            if key == "unet":
+                parts["unet"] = module
+            elif key in _TE_KEYS:
+                parts[_TE_KEYS[key]] = module
+            elif key in _TE_ATTRS:
+                parts.update(_text_parts(module))
+            else:
+                raise ValueError(f"unknown model part {key!r}; use 'unet' and 'text_encoder' "
+                                 f"(SDXL towers one by one: 'text_encoder_1', 'text_encoder_2')")
         return parts
     if isinstance(model, nn.Module) and _is_unet(model):
         return {"unet": model}
@@ -49,11 +71,11 @@ def model_parts(model: Any) -> dict[str, nn.Module]:
         parts = {"unet": model.unet}
         for attr in _TE_ATTRS:
             if isinstance(getattr(model, attr, None), nn.Module):
-                parts["te"] = getattr(model, attr)
+                parts.update(_text_parts(getattr(model, attr)))
                 break
         return parts
     if isinstance(model, nn.Module):
-        return {"te": model}
+        return _text_parts(model)
     raise TypeError(f"expected a UNet, a text encoder, a dict of them, or an object with .unet; got {type(model)}")
 
 
@@ -70,13 +92,20 @@ def num_res_blocks(unet: nn.Module) -> int:
 
 def _namer(part: str, module: nn.Module):
     n = num_res_blocks(module) if part == "unet" else None
-    return lambda path, fmt: (names.kohya_name(path, part, n) if fmt == "kohya"
+    xl = part == "unet" and _is_sdxl_unet(module)
+    return lambda path, fmt: (names.kohya_name(path, part, n, sdxl=xl) if fmt == "kohya"
                               else names.diffusers_name(path, part, n))
 
 
+SDXL_BASE_VERSION = "sdxl_base_v1-0"  # what sd-scripts writes for SDXL
+
+
 def _base_version(model: Any, parts: dict[str, nn.Module]) -> str:
-    """sd-scripts' ss_base_model_version: 'sd_v1', 'sd_v2', with '_v' for v-prediction when the model says so."""
+    """sd-scripts' ss_base_model_version: 'sd_v1', 'sd_v2', with '_v' for v-prediction when the model says so;
+    'sdxl_base_v1-0' for SDXL."""
     version = getattr(model, "version", None)
+    if version == "sdxl" or "te2" in parts or ("unet" in parts and _is_sdxl_unet(parts["unet"])):
+        return SDXL_BASE_VERSION
     if version in ("sd1", "sd2"):
         v2 = version == "sd2"
     else:
@@ -228,7 +257,7 @@ _UNSUPPORTED = [
 def _fix_diffusers_module(part: str, module: str) -> str:
     """Old diffusers names -> module names: attention processors and to_*_lora text-encoder keys."""
     module = module.replace(".processor.", ".")
-    if part == "te":
+    if part in names.TEXT_PARTS:
         for old, new in (("to_q", "q_proj"), ("to_k", "k_proj"), ("to_v", "v_proj"), ("to_out", "out_proj")):
             if module.endswith(f"self_attn.{old}"):
                 return module[: -len(old)] + new
@@ -258,11 +287,10 @@ def _parse(tensors: dict[str, torch.Tensor]) -> tuple[dict[tuple, _Entry], dict[
         m = _KOHYA_KEY.fullmatch(key)
         if m:
             prefix, module, role = m.groups()
-            if prefix in ("lora_te1", "lora_te2"):
-                problems.setdefault("SDXL text-encoder keys (lora_te1_/lora_te2_): this is an SDXL LoRA",
-                                    []).append(key)
+            part = {"lora_unet": "unet", "lora_te": "te", "lora_te1": "te1", "lora_te2": "te2"}.get(prefix)
+            if part is None:
+                problems.setdefault("unknown kohya prefix", []).append(key)
                 continue
-            part = "unet" if prefix == "lora_unet" else "te"
             add(part, f"{prefix}_{module}", "kohya", {"lora_down.weight": "down", "lora_up.weight": "up",
                                                       "alpha": "alpha"}[role], key)
             continue
@@ -275,9 +303,8 @@ def _parse(tensors: dict[str, torch.Tensor]) -> tuple[dict[tuple, _Entry], dict[
             continue
         module = key[: -len(suffix[0])].removeprefix("base_model.model.")
         if module.startswith("text_encoder_2."):
-            problems.setdefault("SDXL second text encoder (text_encoder_2.)", []).append(key)
-            continue
-        if module.startswith("unet."):
+            part, module = "te2", module[len("text_encoder_2."):]
+        elif module.startswith("unet."):
             part, module = "unet", module[len("unet."):]
         elif module.startswith("text_encoder."):
             part, module = "te", module[len("text_encoder."):]
@@ -345,11 +372,11 @@ def _peft_configs(metadata: dict[str, str], path: str) -> dict[str, dict]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: unreadable lora_adapter_metadata ({err})") from err
     if "lora_alpha" in data or "r" in data:  # written by a single model, without a part prefix
-        return {"unet": data, "te": data}
+        return {"unet": data, "te": data, "te2": data}
     out: dict[str, dict] = {}
     for key, value in data.items():
         prefix, _, name = key.partition(".")
-        part = {"unet": "unet", "text_encoder": "te"}.get(prefix)
+        part = {"unet": "unet", "text_encoder": "te", "text_encoder_2": "te2"}.get(prefix)
         if part:
             out.setdefault(part, {})[name] = value
     return out
@@ -432,17 +459,20 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
                 pass  # a layer outside the kohya/diffusers naming (none in SD1/SD2 models)
             if part == "unet":
                 kohya.setdefault(names.kohya_ldm_name(mpath), mpath)  # sd-scripts' LDM spelling (SDXL style)
-        if part == "te":
+        if part in names.TEXT_PARTS:
             for hf, packed in _packed_qkv(module).items():
-                kohya[names.KOHYA_PREFIX["te"] + hf.replace(".", "_")] = packed
+                kohya[names.KOHYA_PREFIX[part] + hf.replace(".", "_")] = packed
                 diffusers[hf] = packed
         lookups[(part, "kohya")], lookups[(part, "diffusers")] = kohya, diffusers
 
     plan: list[tuple[str, str, _Entry]] = []  # (part, module path, entry)
     skipped: list[str] = []
     hints: list[str] = []
-    part_names = {"unet": "UNet", "te": "text encoder"}
+    part_names = {"unet": "UNet", "te": "text encoder", "te1": "first SDXL text encoder (CLIP-L, lora_te1_)",
+                  "te2": "second SDXL text encoder (OpenCLIP bigG, lora_te2_ / text_encoder_2.)"}
     for (part, fname, fmt), entry in entries.items():
+        if part == "te" and "te" not in parts and "te1" in parts:
+            part = "te1"  # an SDXL model: diffusers' text_encoder. (and lora_te_) is its first tower
         if part not in parts:
             what = f"keys for a {part_names[part]}, but none was given (pass {{'unet': ..., 'text_encoder': ...}})"
             (skipped if not strict else problems.setdefault(what, [])).extend(entry.keys)
@@ -456,8 +486,8 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
             problems.setdefault("modules missing their down or up weight", []).append(fname)
             continue
         if _PACKED.fullmatch(mpath) and not merge:
-            problems.setdefault("q/k/v of SD2's OpenCLIP text encoder are one packed tensor (attn.in_proj_weight) "
-                                "with no layer to wrap: load with merge=True", []).append(fname)
+            problems.setdefault("q/k/v of an OpenCLIP text encoder (SD2, SDXL's second) are one packed tensor "
+                                "(attn.in_proj_weight) with no layer to wrap: load with merge=True", []).append(fname)
             continue
         weight = _target_weight(parts[part], mpath)
         down = _as_weight_shape(entry.down, weight.ndim)
@@ -471,7 +501,8 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
                 f"{mpath} needs down {want_down} up {want_up}")
             if mpath.endswith("attn2.to_k") and down.ndim == 2 and down.shape[1] != weight.shape[1]:
                 hint = (f"the file's cross-attention context width is {down.shape[1]} but the model's is "
-                        f"{weight.shape[1]} (768: SD1 CLIP-L, 1024: SD2 OpenCLIP-H): a LoRA for another base model")
+                        f"{weight.shape[1]} (768: SD1 CLIP-L, 1024: SD2 OpenCLIP-H, 2048: SDXL): a LoRA for another "
+                        "base model")
                 if hint not in hints:
                     hints.append(hint)
             continue

@@ -4,7 +4,9 @@ sd-scripts trains SD1/SD2 LoRAs on the diffusers UNet, so its keys spell diffuse
 turned into underscores (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`). Our UNet
 keeps the original LDM names (`input_blocks.1.1.transformer_blocks.0.attn1.to_q`). The two layouts differ
 only in how blocks are numbered, which follows from the number of res blocks per level, so the mapping is
-arithmetic, not a table.
+arithmetic, not a table. For SDXL, sd-scripts trains its own LDM-named UNet, so its SDXL files spell our paths
+(`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), and its two text encoders get the prefixes
+`lora_te1_` (CLIP-L) and `lora_te2_` (OpenCLIP bigG, in CLIPTextModel names).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ TOP_NAMES = {
     "out.2": "conv_out",
 }
 
-KOHYA_PREFIX = {"unet": "lora_unet_", "te": "lora_te_"}
-DIFFUSERS_PREFIX = {"unet": "unet.", "te": "text_encoder."}
+# Model parts: the UNet, SD1/SD2's text encoder ("te"), SDXL's two ("te1" CLIP-L, "te2" OpenCLIP bigG).
+KOHYA_PREFIX = {"unet": "lora_unet_", "te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
+DIFFUSERS_PREFIX = {"unet": "unet.", "te": "text_encoder.", "te1": "text_encoder.", "te2": "text_encoder_2."}
+TEXT_PARTS = ("te", "te1", "te2")
 
 
 def _resblock(rest: str, path: str) -> str:
@@ -118,13 +122,16 @@ def diffusers_name(path: str, part: str, num_res_blocks: int | None = None) -> s
         if num_res_blocks is None:
             raise ValueError("num_res_blocks is needed to name UNet modules")
         return unet_to_diffusers(path, num_res_blocks)
-    if part == "te":
+    if part in TEXT_PARTS:
         return te_to_hf(path)
-    raise ValueError(f"unknown model part {part!r}; expected 'unet' or 'te'")
+    raise ValueError(f"unknown model part {part!r}; expected 'unet' or one of {TEXT_PARTS}")
 
 
-def kohya_name(path: str, part: str, num_res_blocks: int | None = None) -> str:
-    """The sd-scripts LoRA module name: 'lora_unet_' / 'lora_te_' + diffusers name with '.' -> '_'."""
+def kohya_name(path: str, part: str, num_res_blocks: int | None = None, sdxl: bool = False) -> str:
+    """The sd-scripts LoRA module name: 'lora_unet_' / 'lora_te_' / 'lora_te1_' / 'lora_te2_' + diffusers name
+    with '.' -> '_'; for an SDXL UNet (sdxl=True), our LDM path with '.' -> '_' instead."""
+    if part == "unet" and sdxl:
+        return kohya_ldm_name(path)
     return KOHYA_PREFIX[part] + diffusers_name(path, part, num_res_blocks).replace(".", "_")
 
 

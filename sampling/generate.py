@@ -25,22 +25,30 @@ def to_x0_eps(x_t: torch.Tensor, output: torch.Tensor, alpha_bar: float,
 
 
 def guided_denoiser(unet: nn.Module, prediction_type: str, cond: torch.Tensor, uncond: torch.Tensor | None = None,
-                    cfg: float = 7.5) -> Denoiser:
+                    cfg: float = 7.5, *, y: torch.Tensor | None = None,
+                    y_uncond: torch.Tensor | None = None) -> Denoiser:
     """A sampler's denoise(x_t, t, ᾱ) -> (x0, eps) for `unet` with classifier-free guidance (Ho & Salimans 2022):
     out = out(uncond) + cfg · (out(cond) - out(uncond)), on the raw output (eps or v; both convert linearly).
 
     cond / uncond: text contexts [B, 77, D]. With cfg == 1 or no uncond, only the conditional pass runs.
+    y / y_uncond: the extra conditioning vectors of a UNet that takes one (SDXL), for each pass.
     Both passes share one batch. Latents stay float32; the UNet casts them to its own dtype and back.
     """
     guided = uncond is not None and cfg != 1.0
     if guided and uncond.shape != cond.shape:
         raise ValueError(f"cond and uncond contexts differ in shape: {tuple(cond.shape)} vs {tuple(uncond.shape)}")
     context = torch.cat([uncond, cond]) if guided else cond
+    vector = None
+    if y is not None:
+        if guided and (y_uncond is None or y_uncond.shape != y.shape):
+            raise ValueError(f"guidance with y needs y_uncond of the same shape {tuple(y.shape)}, got "
+                             f"{None if y_uncond is None else tuple(y_uncond.shape)}")
+        vector = torch.cat([y_uncond, y]) if guided else y
 
     def denoise(x_t: torch.Tensor, t: float, alpha_bar: float) -> tuple[torch.Tensor, torch.Tensor]:
         x_in = torch.cat([x_t, x_t]) if guided else x_t
         timesteps = torch.full((x_in.shape[0],), float(t), dtype=torch.float32, device=x_t.device)
-        out = unet(x_in, timesteps, context).float()
+        out = (unet(x_in, timesteps, context) if vector is None else unet(x_in, timesteps, context, vector)).float()
         if guided:
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + cfg * (out_cond - out_uncond)
@@ -99,11 +107,16 @@ def sample_latents(model, cond: torch.Tensor, uncond: torch.Tensor | None, *, sa
                    steps: int = 25, cfg: float = 7.5, height: int = 512, width: int = 512,
                    generators: Sequence[torch.Generator] | None = None, noise: torch.Tensor | None = None,
                    spacing: str = "leading", karras: bool = False, eta: float = 0.0,
-                   progress: bool | str = False) -> torch.Tensor:
+                   progress: bool | str = False, y: torch.Tensor | None = None,
+                   y_uncond: torch.Tensor | None = None) -> torch.Tensor:
     """Denoised latents [B, C, H/f, W/f] (float32, scaled as the UNet sees them) from text contexts.
 
     noise: the starting x_T (unit variance); drawn from `generators` (one per image) when not given.
+    y / y_uncond: SDXL's conditioning vectors for the two passes (see StableDiffusion.vector).
     """
+    if getattr(model, "needs_y", False) and y is None:
+        raise ValueError(f"this {model.version} UNet takes a conditioning vector y: "
+                         "pass y (and y_uncond with cfg != 1)")
     check_sampler(sampler)
     if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
@@ -116,7 +129,7 @@ def sample_latents(model, cond: torch.Tensor, uncond: torch.Tensor | None, *, sa
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape} for {height}x{width} images")
     x = noise.to(device=model.device, dtype=torch.float32)
-    denoise = guided_denoiser(model.unet, model.prediction_type, cond, uncond, cfg)
+    denoise = guided_denoiser(model.unet, model.prediction_type, cond, uncond, cfg, y=y, y_uncond=y_uncond)
     with torch.inference_mode(), eval_mode(model.unet):
         return run_sampler(sampler, denoise, x, model.schedule.alphas_cumprod, steps, spacing=spacing, eta=eta,
                            karras=karras, generators=generators, progress=progress)
@@ -150,6 +163,10 @@ def generate(model, prompts: str | Sequence[str], negative: str | Sequence[str] 
     progress: show a progress bar (a string is used as its label).
 
     Networks run in the model's dtype and device; sampler arithmetic is float32.
+
+    SDXL: y is the pooled text plus the size conditioning original = target = (height, width), crop (0, 0). An
+    empty negative prompt gives zero context and pooled vectors for that image, as SDXL's authors sample (sgm zeroes
+    the unconditional text; diffusers' force_zeros_for_empty_prompt); a non-empty one is encoded.
     """
     prompts = _as_list(prompts)
     negatives = _as_list(negative)
@@ -158,15 +175,33 @@ def generate(model, prompts: str | Sequence[str], negative: str | Sequence[str] 
     if len(negatives) != len(prompts):
         raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
     generators = make_generators(seed_list(seed, len(prompts)))
+    y = y_uncond = None
     with torch.inference_mode(), eval_mode(model.text_encoder):
-        cond = model.encode_prompt(prompts)
-        uncond = model.encode_prompt(negatives) if cfg != 1.0 else None
+        if getattr(model, "needs_y", False):
+            cond, y, uncond, y_uncond = _sdxl_conditioning(model, prompts, negatives if cfg != 1.0 else None,
+                                                           height, width)
+        else:
+            cond = model.encode_prompt(prompts)
+            uncond = model.encode_prompt(negatives) if cfg != 1.0 else None
     latents = sample_latents(model, cond, uncond, sampler=sampler, steps=steps, cfg=cfg, height=height, width=width,
                              generators=generators, noise=noise, spacing=spacing, karras=karras, eta=eta,
-                             progress=progress)
+                             progress=progress, y=y, y_uncond=y_uncond)
     if slice_size is None and height * width > 512 * 512:
         slice_size = 1
     return decode(model, latents, slice_size)
+
+
+def _sdxl_conditioning(model, prompts: list[str], negatives: list[str] | None, height: int, width: int):
+    """(cond, y, uncond, y_uncond) for SDXL; an empty negative prompt is zeros (see generate)."""
+    cond, pooled = model.encode_text(prompts)
+    y = model.vector(pooled, (height, width))
+    if negatives is None:
+        return cond, y, None, None
+    uncond, pooled_uncond = model.encode_text(negatives)
+    empty = torch.tensor([n == "" for n in negatives], device=uncond.device)
+    uncond = torch.where(empty[:, None, None], torch.zeros_like(uncond), uncond)
+    pooled_uncond = torch.where(empty[:, None], torch.zeros_like(pooled_uncond), pooled_uncond)
+    return cond, y, uncond, model.vector(pooled_uncond, (height, width))
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""sd.load: an original SD 1.x/2.x checkpoint file -> StableDiffusion, built on meta and filled straight in the target dtype."""
+"""sd.load: an original SD 1.x/2.x/XL checkpoint -> StableDiffusion, built on meta and filled straight in the target dtype."""
 from __future__ import annotations
 
 import os
@@ -8,28 +8,31 @@ import torch
 from torch import nn
 
 from schedule import PREDICTION_TYPES
-from text import ClipLConfig, ClipLTextEncoder, OpenClipConfig, OpenClipTextEncoder
-from text import clip_l, open_clip
+from text import ClipLConfig, ClipLTextEncoder, OpenClipConfig, OpenClipTextEncoder, SDXLTextConfig, SDXLTextEncoder
+from text import clip_l, open_clip, sdxl
 from unet import UNetConfig, UNetModel
 from vae import AutoencoderKL, VAEConfig, scale_factor
 
 from .checkpoint import CheckpointError, CheckpointFile, first, is_ignored
-from .model import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, StableDiffusion
+from .model import SDXL_TEXT_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, StableDiffusion, text_prefix
 
-# SD2's text tower lives under `cond_stage_model.model.`; SD1's CLIP-L under `cond_stage_model.transformer.`.
-_OPEN_CLIP = TEXT_PREFIX + "model."
+# OpenCLIP text towers: SD2's under `cond_stage_model.model.`, SDXL's bigG under `conditioner.embedders.1.model.`.
+_OPEN_CLIP = (TEXT_PREFIX + "model.", SDXL_TEXT_PREFIX + sdxl.OPEN_CLIP_PREFIX + "model.")
 
 
 def split_parts(ckpt: CheckpointFile) -> dict[str, dict[str, torch.Tensor]]:
-    """Group a file's (meta) tensors by part, with the part prefix stripped. Unknown keys are an error."""
+    """Group a file's (meta) tensors by part, with the part prefix stripped. Unknown keys are an error.
+    The keys of the result are the file's part prefixes: the text part is `cond_stage_model.` (SD1/SD2)
+    or `conditioner.` (SDXL)."""
     keys = ckpt.keys()
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise CheckpointError(f"{ckpt.path}: not a Stable Diffusion checkpoint: {_what_is_it(keys)}")
-    parts: dict[str, dict[str, torch.Tensor]] = {UNET_PREFIX: {}, VAE_PREFIX: {}, TEXT_PREFIX: {}}
+    text = SDXL_TEXT_PREFIX if any(k.startswith(SDXL_TEXT_PREFIX) for k in keys) else TEXT_PREFIX
+    parts: dict[str, dict[str, torch.Tensor]] = {UNET_PREFIX: {}, VAE_PREFIX: {}, text: {}}
     unknown = []
     for k in keys:
         prefix = next((p for p in parts if k.startswith(p)), None)
-        if k.startswith(_OPEN_CLIP + "visual."):
+        if k.startswith(tuple(p + "visual." for p in _OPEN_CLIP)):
             continue  # OpenCLIP's image tower, kept by some image-conditioned variants: never read
         if prefix is not None and not is_ignored(k):
             parts[prefix][k[len(prefix):]] = ckpt.shapes[k]
@@ -45,8 +48,6 @@ def split_parts(ckpt: CheckpointFile) -> dict[str, dict[str, torch.Tensor]]:
 
 def _what_is_it(keys: list[str]) -> str:
     """A helpful guess at what a non-SD1/SD2 file is."""
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "this looks like an SDXL checkpoint (conditioner.embedders.*), which is not supported yet"
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
         return "this is a LoRA file; apply it to a base model with lora.load"
     if any(k.startswith("down_blocks.") or k.startswith("unet.") for k in keys):
@@ -57,7 +58,17 @@ def _what_is_it(keys: list[str]) -> str:
 
 
 def detect_version(parts: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
-    """'sd1' for CLIP-L text encoders, 'sd2' for OpenCLIP."""
+    """'sd1' for CLIP-L text encoders, 'sd2' for OpenCLIP, 'sdxl' for sgm's conditioner with CLIP-L + OpenCLIP."""
+    if SDXL_TEXT_PREFIX in parts:
+        text = parts[SDXL_TEXT_PREFIX]
+        has = lambda p: any(k.startswith(p) for k in text)  # noqa: E731
+        if has(sdxl.CLIP_L_PREFIX + "transformer.") and has(sdxl.OPEN_CLIP_PREFIX + "model."):
+            return "sdxl"
+        if has(sdxl.CLIP_L_PREFIX + "model."):
+            raise CheckpointError("this looks like the SDXL refiner (one OpenCLIP tower as conditioner.embedders.0), "
+                                  "which is not supported; use the SDXL base file")
+        raise CheckpointError(f"unknown SDXL conditioner: expected {SDXL_TEXT_PREFIX}{sdxl.CLIP_L_PREFIX}transformer.* "
+                              f"and {SDXL_TEXT_PREFIX}{sdxl.OPEN_CLIP_PREFIX}model.*; keys start with {first(text, 5)}")
     text = parts[TEXT_PREFIX]
     if any(k.startswith("transformer.") for k in text):
         return "sd1"
@@ -79,6 +90,8 @@ def detect_prediction_type(ckpt: CheckpointFile, version: str) -> str:
         return "epsilon"
     if "v_pred" in ckpt.shapes:
         return "v_prediction"
+    if version == "sdxl":  # SDXL base is epsilon; the norm heuristic below was tuned on SD2 only
+        return "epsilon"
     probe = [k for k in ckpt.shapes if k.startswith(UNET_PREFIX + "output_blocks.") and k.endswith("transformer_blocks.0.norm1.bias")]
     if probe:
         last = max(probe, key=lambda k: int(k[len(UNET_PREFIX + "output_blocks."):].split(".")[0]))
@@ -103,14 +116,22 @@ def _check_fits(model: nn.Module, part: Mapping[str, torch.Tensor], where: str) 
 def _build(ckpt: CheckpointFile, parts: Mapping[str, Mapping[str, torch.Tensor]], version: str,
            text_layer: str | None) -> dict[str, nn.Module]:
     """Infer each architecture from shapes and build it on the meta device; raise with the file name on any mismatch."""
-    text_cls, text_cfg, text_prepare = (
-        (ClipLTextEncoder, ClipLConfig, clip_l.prepare_state_dict) if version == "sd1"
-        else (OpenClipTextEncoder, OpenClipConfig, open_clip.prepare_state_dict))
+    text = text_prefix(version)
+    text_prepare = text_state_dict_preparer(version)
+    if version == "sdxl":
+        if text_layer is not None:
+            raise CheckpointError(f"{ckpt.path}: text_layer={text_layer!r} is for SD1/SD2; SDXL's layers are fixed "
+                                  "(both towers' penultimate hidden states)")
+        build_text = lambda p: SDXLTextEncoder(SDXLTextConfig.from_state_dict(p))  # noqa: E731
+    else:
+        text_cls, text_cfg = ((ClipLTextEncoder, ClipLConfig) if version == "sd1"
+                              else (OpenClipTextEncoder, OpenClipConfig))
+        build_text = lambda p: _text_encoder(text_cls, text_cfg.from_state_dict(p), text_layer)  # noqa: E731
     models = {}
     for prefix, build in (
         (UNET_PREFIX, lambda p: UNetModel(UNetConfig.from_state_dict(p))),
         (VAE_PREFIX, lambda p: AutoencoderKL(VAEConfig.from_state_dict(p))),
-        (TEXT_PREFIX, lambda p: _text_encoder(text_cls, text_cfg.from_state_dict(text_prepare(p)), text_layer)),
+        (text, lambda p: build_text(text_prepare(p))),
     ):
         where = f"{ckpt.path} [{prefix}*]"
         try:
@@ -118,9 +139,26 @@ def _build(ckpt: CheckpointFile, parts: Mapping[str, Mapping[str, torch.Tensor]]
                 models[prefix] = build(parts[prefix])
         except ValueError as err:
             raise CheckpointError(f"{where}: {err}") from err
-        shapes = text_prepare(parts[prefix]) if prefix == TEXT_PREFIX else parts[prefix]
+        shapes = text_prepare(parts[prefix]) if prefix == text else parts[prefix]
         _check_fits(models[prefix], shapes, where)
+    if version == "sdxl":
+        _check_sdxl_sizes(ckpt, models[UNET_PREFIX].cfg, models[text].config)
     return models
+
+
+def text_state_dict_preparer(version: str):
+    """The function that brings a file's text-encoder tensors (part prefix stripped) to the module's keys."""
+    return {"sd1": clip_l.prepare_state_dict, "sd2": open_clip.prepare_state_dict,
+            "sdxl": sdxl.prepare_state_dict}[version]
+
+
+def _check_sdxl_sizes(ckpt: CheckpointFile, unet: UNetConfig, text: SDXLTextConfig) -> None:
+    """The UNet must read what the towers give: context = both widths, y = pooled + six size embeddings."""
+    if unet.context_dim != text.width or unet.adm_in_channels != text.adm_in_channels:
+        raise CheckpointError(
+            f"{ckpt.path}: the UNet expects context {unet.context_dim} and y {unet.adm_in_channels}, but the text "
+            f"encoders give context {text.clip_l.width} + {text.open_clip.width} = {text.width} and y = pooled "
+            f"{text.pooled_dim} + {sdxl.SIZE_FIELDS} x {sdxl.SIZE_EMBED_DIM} = {text.adm_in_channels}")
 
 
 def _text_encoder(cls: type, cfg, layer: str | None) -> nn.Module:
@@ -145,30 +183,35 @@ def build_meta(path: str | os.PathLike, text_layer: str | None = None) -> tuple[
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
          prediction_type: str | None = None, text_layer: str | None = None) -> StableDiffusion:
-    """Load an original Stable Diffusion 1.x/2.x checkpoint (.safetensors or .ckpt).
+    """Load an original Stable Diffusion 1.x/2.x or SDXL base checkpoint (.safetensors or .ckpt).
 
     The architecture (widths, levels, blocks, attention levels, depth, context size, text-encoder family)
     is read off the tensors, every key and shape is checked, and only then are the weights read, one
     tensor at a time, straight into `dtype` on `device`: no full fp32 copy is ever made.
 
     prediction_type: "epsilon" or "v_prediction" to override detection (SD2 512 and 768-v files have the
-    same shapes). text_layer: "last" or "penultimate" to override the family default (SD1 last, SD2 penultimate).
+    same shapes). text_layer: "last" or "penultimate" to override the family default (SD1 last, SD2 penultimate;
+    not for SDXL, whose two towers always give their penultimate hidden states).
+    SDXL's VAE overflows in float16 (it gives NaN/inf images), so with dtype=float16 an SDXL VAE stays in float32
+    (UNet and text encoders in float16); float32 (the default) and bfloat16 apply to every part.
     """
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     ckpt, version, models = build_meta(path, text_layer)
     parts = split_parts(ckpt)
     for prefix, model in models.items():
-        tensors = {k: ckpt.read(prefix + k, dtype, device) for k in parts[prefix]}
-        if prefix == TEXT_PREFIX:
-            tensors = (clip_l if version == "sd1" else open_clip).prepare_state_dict(tensors)
+        # SDXL's VAE overflows in float16 (NaN/inf images): keep it in float32 then, as diffusers' force_upcast does.
+        part_dtype = torch.float32 if version == "sdxl" and prefix == VAE_PREFIX and dtype == torch.float16 else dtype
+        tensors = {k: ckpt.read(prefix + k, part_dtype, device) for k in parts[prefix]}
+        if prefix == text_prefix(version):
+            tensors = text_state_dict_preparer(version)(tensors)
         model.load_state_dict(tensors, strict=True, assign=True)
         if hasattr(model, "materialize_buffers"):
             model.materialize_buffers(device)
     for model in models.values():
         model.eval().requires_grad_(False)
     return StableDiffusion(
-        unet=models[UNET_PREFIX], vae=models[VAE_PREFIX], text_encoder=models[TEXT_PREFIX],
+        unet=models[UNET_PREFIX], vae=models[VAE_PREFIX], text_encoder=models[text_prefix(version)],
         version=version, prediction_type=prediction_type or detect_prediction_type(ckpt, version),
         scale_factor=scale_factor(version), source=ckpt.path,
     )

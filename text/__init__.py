@@ -1,4 +1,4 @@
-"""Prompt -> context for SD: the CLIP tokenizer and the two text encoders (SD1 CLIP-L, SD2 OpenCLIP ViT-H)."""
+"""Prompt -> context for SD: the CLIP tokenizer, SD1's CLIP-L, SD2's OpenCLIP ViT-H, and SDXL's pair of them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from torch import nn
 
 from .clip_l import ClipLConfig, ClipLTextEncoder
 from .open_clip import OpenClipConfig, OpenClipTextEncoder
+from .sdxl import SDXLTextConfig, SDXLTextEncoder, size_embedding, vector_conditioning
 from .tokenizer import CLIPTokenizer
 
 __all__ = [
@@ -15,7 +16,11 @@ __all__ = [
     "ClipLTextEncoder",
     "OpenClipConfig",
     "OpenClipTextEncoder",
+    "SDXLTextConfig",
+    "SDXLTextEncoder",
     "encode_prompts",
+    "size_embedding",
+    "vector_conditioning",
 ]
 
 
