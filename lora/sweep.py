@@ -1,0 +1,302 @@
+"""A grid of LoRA trainings (rank × alpha × scaling rule × learning rate × seed) on the same data and seeds.
+
+    python -m lora.analyze sweep --rank 4,16,64 --alpha rank,16 --rule r,sqrt --lr 1e-4,3e-4 --out runs/sweep \\
+        --val-images held_out/ --prompts "a photo of sks dog|sks dog on a beach" \\
+        -- --ckpt base.safetensors --images data/
+
+Everything after `--` goes to train.py unchanged (the grid's values override it). Each run trains into
+<out>/<run name>/ (finished runs are reused), then all are measured against the same base: final training
+loss, validation loss on held-out images at fixed timesteps and noise, ||ΔW||_F per block, and sample grids.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import plots
+from .deltas import TE, block_key, block_of
+from .results import Result
+
+RULES = {"r": False, "alpha/r": False, "sqrt": True, "alpha/sqrt(r)": True, "rs": True}
+DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+@dataclass
+class SweepGrid:
+    """The axes of the grid. alpha "rank" means alpha = r (scale 1 under alpha/r); rules: "r" or "sqrt"."""
+
+    ranks: list[int] = field(default_factory=lambda: [4, 16])
+    alphas: list[float | str] = field(default_factory=lambda: ["rank"])
+    rules: list[str] = field(default_factory=lambda: ["r"])
+    lrs: list[float] = field(default_factory=lambda: [1e-4])
+    seeds: list[int] | None = None  # None: train.py's --seed for every run
+
+    def points(self, default_seed: int) -> list[dict[str, Any]]:
+        for rule in self.rules:
+            if rule not in RULES:
+                raise ValueError(f"scaling rule {rule!r} is not one of {sorted(RULES)}")
+        for a in self.alphas:
+            if a != "rank" and (not isinstance(a, (int, float)) or a <= 0):
+                raise ValueError(f"alpha must be a positive number or 'rank', got {a!r}")
+        if any(r < 1 for r in self.ranks) or any(lr <= 0 for lr in self.lrs):
+            raise ValueError(f"ranks must be >= 1 and learning rates > 0, got {self.ranks}, {self.lrs}")
+        seeds = self.seeds or [default_seed]
+        out = []
+        for rank, alpha, rule, lr, seed in itertools.product(self.ranks, self.alphas, self.rules, self.lrs, seeds):
+            rs = RULES[rule]
+            a = float(rank) if alpha == "rank" else float(alpha)
+            name = f"r{rank}_a{'=r' if alpha == 'rank' else f'{a:g}'}_{'sqrt' if rs else 'lin'}_lr{lr:g}"
+            if len(seeds) > 1:
+                name += f"_s{seed}"
+            out.append({"name": name, "rank": int(rank), "alpha": a,
+                        "alpha_label": "r" if alpha == "rank" else f"{a:g}",
+                        "rule": "alpha/sqrt(r)" if rs else "alpha/r", "rs": rs, "scale": a / (math.sqrt(rank) if rs else rank), "lr": float(lr), "seed": int(seed)})
+        names = [p["name"] for p in out]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the grid repeats a point: {names}")
+        return out
+
+
+def _train_args(point: dict[str, Any], out: Path, cache: str) -> list[str]:
+    return [f"--out={out / point['name']}", f"--rank={point['rank']}", f"--alpha={point['alpha']}",
+            f"--rs={point['rs']}", f"--lr={point['lr']}", f"--seed={point['seed']}", f"--cache={cache}",
+            "--mode=lora"]
+
+
+def train_grid(grid: SweepGrid, train_args: Sequence[str], out: str | Path) -> tuple[list[dict[str, Any]], Any]:
+    """Train every grid point not already trained in <out>/<name>/; return the points (with status) and the config."""
+    import train
+    from training.config import parse_args
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = parse_args(list(train_args))
+    cfg.validate()
+    extra = list(train_args)
+    if not cfg.images:
+        extra.append(f"--images={_toy_images(cfg, out)}")
+    cache = cfg.cache or str(out / "cache")
+    points = grid.points(cfg.seed)
+    for i, point in enumerate(points):
+        argv = extra + _train_args(point, out, cache)
+        want = parse_args(argv).to_dict()
+        folder = out / point["name"]
+        final = folder / "lora_final.safetensors"
+        point["dir"] = str(folder)
+        point["command"] = "python train.py " + shlex.join(argv)
+        if final.is_file() and (folder / "config.yaml").is_file():
+            have = json.loads((folder / "config.yaml").read_text())
+            if have == want:
+                point["status"] = "reused"
+                continue
+            diff = sorted(k for k in want if have.get(k) != want[k])
+            raise ValueError(f"{folder} holds a run with another config (differs in {diff}); use another --out")
+        if (folder / "log.jsonl").is_file():
+            (folder / "log.jsonl").unlink()  # an unfinished earlier attempt: start its log afresh
+        print(f"\n=== sweep run {i + 1}/{len(points)}: {point['name']} ===", flush=True)
+        rc = train.main(argv)
+        point["status"] = "ok" if rc == 0 and final.is_file() else f"failed (exit {rc})"
+    return points, cfg
+
+
+def _toy_images(cfg, out: Path) -> Path:
+    """train.py's default data (the toy concept images), written once for every run to share."""
+    import train
+    return train.toy_images(cfg, out)
+
+
+def _toy_val_images(cfg, out: Path) -> Path:
+    """Held-out toy images: the same concept drawn with another seed."""
+    import train
+    if not train.is_toy(cfg):
+        raise ValueError("pass --val-images DIR: held-out images with captions, encoded like the training images")
+    from toy import world
+    folder = out / f"toy_{cfg.toy_concept}_val_images"
+    if not folder.is_dir():
+        images, scenes = world.concept_dataset(cfg.toy_concept, cfg.toy_images, seed=cfg.seed + 1000)
+        world.write_folder(folder, images, scenes)
+    return folder
+
+
+# -------------------------------------------------------------------------------------------- measuring
+
+def validation_batches(model, images: str | Path, cache: str | Path, resolution: int, seed: int,
+                       batch_size: int = 8) -> list:
+    """Held-out images encoded once (posterior means, no flips, file order): the same inputs for every run.
+
+    model: the base (sd.StableDiffusion) before any LoRA is applied, or its checkpoint path."""
+    from data import LatentLoader, encode_dataset
+    encode_dataset(images, cache, model, resolution=resolution, seed=seed)
+    loader = LatentLoader(cache, batch_size=batch_size, seed=seed, shuffle=False, flip=False, sample=False)
+    return [loader.batch(i) for i in range(loader.steps_per_epoch)]
+
+
+@torch.no_grad()
+def validation_loss(model, batches: Sequence, timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
+                    seed: int = 0) -> list[float]:
+    """The denoising loss on every held-out image at each fixed timestep, with noise fixed by (seed, batch, t).
+
+    Returns the mean loss per timestep: deterministic, so runs (and the base) compare exactly.
+    """
+    device = next(model.unet.parameters()).device
+    dtype = next(model.unet.parameters()).dtype
+    schedule = model.schedule
+    totals = [0.0] * len(timesteps)
+    count = 0
+    for b, batch in enumerate(batches):
+        latents = batch.latents.to(device)
+        context = model.text_encoder(batch.tokens.to(device)).to(dtype)
+        n = latents.shape[0]
+        for j, t in enumerate(timesteps):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + b * 1009 + int(t))
+            noise = torch.randn(latents.shape, generator=g).to(device)
+            tt = torch.full((n,), int(t), device=device, dtype=torch.long)
+            pred = model.unet(schedule.add_noise(latents, noise, tt).to(dtype), tt, context)
+            target = schedule.target(latents, noise, tt)
+            totals[j] += float(F.mse_loss(pred.float(), target.float(), reduction="sum")) / latents[0].numel()
+        count += n
+    return [x / max(1, count) for x in totals]
+
+
+def train_losses(folder: str | Path) -> list[float]:
+    path = Path(folder) / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def block_norms(model_parts: dict[str, torch.nn.Module], name: str) -> dict[str, float]:
+    """||ΔW||_F per block of adapter `name` (sqrt of the sum of its layers' squared norms)."""
+    from .inject import named_lora_layers
+    out: dict[str, float] = {}
+    for part, module in model_parts.items():
+        for path, layer in named_lora_layers(module, name):
+            block = block_of((TE if part == "text_encoder" else "") + path)
+            out[block] = out.get(block, 0.0) + float(layer.lora_weight().double().norm() ** 2)
+    return {b: math.sqrt(v) for b, v in out.items()}
+
+
+def sweep(grid: SweepGrid, train_args: Sequence[str], out: str | Path, *, val_images: str | Path | None = None,
+          prompts: Sequence[str] = (), timesteps: Sequence[int] = DEFAULT_TIMESTEPS, sample_steps: int = 20,
+          sample_cfg: float = 5.0, tail: float = 0.1) -> Result:
+    """Train the grid (reusing finished runs), then measure every run against the same base and held-out data.
+
+    final_train_loss: mean of the last `tail` fraction of logged steps (single steps are noisy).
+    val_loss: validation_loss() averaged over `timesteps`, on `val_images` (held-out captioned images; the toy
+    checkpoint draws its own). dW.<block>: ||ΔW||_F of each block. prompts: one sample grid, a row per run.
+    """
+    import lora
+    import sd
+    from sampling import generate, grid as image_grid, to_pil
+
+    out = Path(out)
+    points, cfg = train_grid(grid, train_args, out)
+    val_images = val_images or _toy_val_images(cfg, out)
+    model = sd.load(cfg.ckpt, dtype=torch.float32)
+    batches = validation_batches(model, val_images, out / "val_cache", cfg.resolution, cfg.seed)
+    parts = {"unet": model.unet, "text_encoder": model.text_encoder}
+    base_val = validation_loss(model, batches, timesteps, cfg.seed)
+    size = cfg.resolution
+
+    def sample() -> list:
+        return to_pil(generate(model, list(prompts), steps=sample_steps, cfg=sample_cfg, seed=cfg.seed, height=size,
+                               width=size, progress=False))
+
+    images = {"base": sample()} if prompts else {}
+    rows, curves, per_t = [], {}, {"base": base_val}
+    blocks_all: list[str] = []
+    for p in points:
+        row = {k: p[k] for k in ("name", "rank", "alpha", "alpha_label", "rule", "scale", "lr", "seed", "status")}
+        losses = train_losses(p["dir"])
+        curves[p["name"]] = losses
+        if losses:
+            n = max(1, int(round(len(losses) * tail)))
+            row.update(steps=len(losses), final_train_loss=float(np.mean(losses[-n:])), last_train_loss=losses[-1])
+        if p["status"] in ("ok", "reused"):
+            lora.load(Path(p["dir"]) / "lora_final.safetensors", parts, name="sweep")
+            vals = validation_loss(model, batches, timesteps, cfg.seed)
+            per_t[p["name"]] = vals
+            norms = block_norms(parts, "sweep")
+            blocks_all += [b for b in norms if b not in blocks_all]
+            row.update(val_loss=float(np.mean(vals)), val_vs_base=float(np.mean(vals) - np.mean(base_val)),
+                       dW_fro=math.sqrt(sum(v ** 2 for v in norms.values())))
+            row.update({f"dW.{b}": v for b, v in norms.items()})
+            if prompts:
+                images[p["name"]] = sample()
+            for module in parts.values():
+                lora.remove(module, "sweep")
+        rows.append(row)
+    main_cols = ("name", "rank", "alpha_label", "rule", "scale", "lr", "seed", "status", "final_train_loss", "val_loss",
+                 "val_vs_base", "dW_fro")
+    blank = {("alpha" if k == "alpha_label" else k): "" for k in main_cols}
+    summary = [{**blank, "name": "base", "status": "base", "val_loss": float(np.mean(base_val))}] + \
+        [{("alpha" if k == "alpha_label" else k): r[k] for k in main_cols if k in r} for r in rows]
+    notes = [f"val_loss: mean denoising loss on {sum(len(b.files) for b in batches)} held-out images "
+             f"({val_images}) at t = {list(timesteps)}, fixed noise; final_train_loss: mean of the last "
+             f"{tail:.0%} of logged steps. Runs and train.py commands: {out}/<name>/, sweep.json."]
+    figures = _figures(rows, curves, per_t, sorted(blocks_all, key=block_key), base_val, list(timesteps))
+    if images:
+        labels = list(images)
+
+        def draw_samples(path):
+            flat = [im for label in labels for im in images[label]]
+            if flat[0].width < 128:  # tiny models: enlarge so that labels fit and pixels stay visible
+                f = math.ceil(128 / flat[0].width)
+                flat = [im.resize((im.width * f, im.height * f), resample=0) for im in flat]
+            image_grid(flat, cols=len(prompts), col_labels=[p[:24] for p in prompts], row_labels=labels).save(path)
+
+        figures["sweep_samples.png"] = draw_samples
+    data = {"points": points, "timesteps": list(timesteps), "val_loss_per_timestep": per_t, "train_loss": curves,
+            "train_args": list(train_args), "val_images": str(val_images), "prompts": list(prompts)}
+    return Result("sweep", rows, summary, data, figures, notes)
+
+
+def _figures(rows, curves, per_t, blocks, base_val, timesteps) -> dict:
+    done = [r for r in rows if "val_loss" in r]
+
+    def val_vs_rank(path):
+        series: dict[str, tuple[list, list]] = {}
+        seeds = len({r["seed"] for r in done}) > 1
+        for r in done:
+            key = f"α={r['alpha_label']} {r['rule']} lr={r['lr']:g}" + (f" seed {r['seed']}" if seeds else "")
+            xs, ys = series.setdefault(key, ([], []))
+            xs.append(r["rank"])
+            ys.append(r["val_loss"])
+        plots.lines(path, series, "rank r", "validation loss (held-out, fixed t and noise)",
+                    "validation loss across the grid", logx=True, hlines={"base (no LoRA)": float(np.mean(base_val))})
+
+    def train_curves(path):
+        series = {}
+        for name, losses in curves.items():
+            if losses:
+                ema, smooth = losses[0], []
+                for x in losses:
+                    ema = 0.9 * ema + 0.1 * x
+                    smooth.append(ema)
+                series[name] = (list(range(1, len(losses) + 1)), smooth)
+        plots.lines(path, series, "step", "training loss (EMA 0.9)", "training loss", markers=False)
+
+    def by_timestep(path):
+        plots.lines(path, {k: (timesteps, v) for k, v in per_t.items()}, "timestep t", "validation loss",
+                    "validation loss per timestep")
+
+    def dw_blocks(path):
+        values = np.array([[r.get(f"dW.{b}", 0.0) for b in blocks] for r in done])
+        plots.matrix(path, values, [r["name"] for r in done], blocks, "||ΔW||_F per block", "||ΔW||_F")
+
+    figures = {"sweep_train_loss.png": train_curves}
+    if done:
+        figures.update({"sweep_val_loss.png": val_vs_rank, "sweep_val_by_timestep.png": by_timestep,
+                        "sweep_dw_blocks.png": dw_blocks})
+    return figures
