@@ -27,7 +27,7 @@ class TrainConfig:
                           "empty with the built-in toy checkpoint: the toy world's new-concept images")
     prompt: str = opt("", "one caption for every image (DreamBooth instance prompt); empty: use the caption files")
     cache: str = opt("", "latent cache folder; empty: <out>/cache. Encoded on the first run, reused afterwards")
-    resolution: int = opt(512, "training resolution in pixels (multiple of 8); the toy model uses 32")
+    resolution: int = opt(0, "training resolution in pixels (multiple of 8); 0: 32 for the built-in toy, else 512")
     bucket: bool = opt(False, "aspect-ratio bucketing instead of square crops")
     bucket_step: int = opt(64, "bucketing: bucket sides are multiples of this many pixels")
     flip: bool = opt(False, "also encode horizontally flipped copies")
@@ -96,7 +96,10 @@ class TrainConfig:
     toy_images: int = opt(16, "with the built-in toy checkpoint and no --images: how many concept images to train on")
 
     def validate(self) -> None:
-        """Cheap checks that must fail before any model is loaded."""
+        """Cheap checks that must fail before any model is loaded. Fills in 'auto' values."""
+        if self.resolution == 0:
+            toy = Path(self.ckpt).resolve() == Path(TrainConfig.ckpt).resolve()
+            self.resolution = 32 if toy else 512
         choices = {"mode": ("lora", "full"), "lr_schedule": ("constant", "linear", "cosine"),
                    "optimizer": ("adamw", "adamw8bit"), "prediction_type": ("auto", "epsilon", "v_prediction"),
                    "precision": ("auto", "fp32", "bf16", "fp16"), "init": ("kaiming", "gaussian", "pissa"),
@@ -106,7 +109,7 @@ class TrainConfig:
                 raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if self.rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {self.rank}")
-        if self.resolution <= 0 or self.resolution % 8:
+        if self.resolution < 0 or self.resolution % 8:
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
         for key in ("steps", "batch_size", "grad_accum", "repeats"):
             if getattr(self, key) < 1:
