@@ -13,9 +13,19 @@ import sd
 from toy import detect, world
 from toy.evaluate import ddim_sample, save_grid
 from vae import SD_SCALE
-from toy.pretrain import ToyConfig, Trainer, build_vae, normalise_latents, original_state_dict, world_batch
+from toy.pretrain import (ToyConfig, Trainer, build_vae, normalise_latents, original_state_dict, parse_args,
+                          world_batch)
 
 SHIPPED = Path(__file__).resolve().parent.parent / "toy" / "tiny_sd.safetensors"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread is as fast, and does not stall when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- world
@@ -164,6 +174,13 @@ def test_a_few_pretraining_steps_write_a_loadable_resumable_model(tmp_path):
     assert images.shape == (1, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
     with pytest.raises(ValueError, match="another config"):
         Trainer(dataclasses.replace(cfg, seed=1), progress, log=lambda msg: None)
+
+
+def test_command_line_maps_onto_the_config():
+    assert parse_args([])[1] == ToyConfig()
+    args, cfg = parse_args(["--out", "x.safetensors", "--unet-steps", "7", "--vae-ch-mult", "1", "2", "--bf16"])
+    assert args.out == "x.safetensors"
+    assert cfg == dataclasses.replace(ToyConfig(), unet_steps=7, vae_ch_mult=(1, 2), bf16=True)
 
 
 # ---------------------------------------------------------------- the shipped model

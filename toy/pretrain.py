@@ -26,12 +26,11 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from schedule import DDPMSchedule
 from sd.checkpoint import write_state_dict
@@ -268,7 +267,7 @@ class Trainer:
         self.step_times: dict[str, list[float]] = {k: [] for k in stages}
         self._last_save = time.monotonic()
         if progress.exists():
-            self._resume(torch.load(progress, map_location="cpu", weights_only=False))
+            self._resume(torch.load(progress, map_location="cpu", weights_only=True))
 
     def _resume(self, state: dict) -> None:
         now, saved = dataclasses.asdict(self.cfg), state["config"]

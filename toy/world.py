@@ -9,7 +9,6 @@ The base model is trained on BASE_SHAPES x BASE_COLOURS only. HELD_OUT_SHAPES / 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -301,7 +300,3 @@ def to_tensor(images: np.ndarray):
 
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
-
-def replace(scene: Scene, **changes) -> Scene:
-    """A copy of `scene` with some attributes changed (validated like any scene)."""
-    return dataclasses.replace(scene, **changes)

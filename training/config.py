@@ -91,8 +91,8 @@ class TrainConfig:
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
     resume: str = opt("", "resume from a training state: a path, or 'latest' for the newest in <out>/state")
     toy_eval: bool = opt(True, "with the built-in toy checkpoint: print concept and forgetting scores before and after")
-    toy_concept: str = opt("star", "with the built-in toy checkpoint and no --images: the held-out concept to learn "
-                                   "(star or purple)")
+    toy_concept: str = opt("purple", "with the built-in toy checkpoint and no --images: the held-out concept to learn "
+                                   "(purple; star is blurred away by the toy VAE)")
     toy_images: int = opt(16, "with the built-in toy checkpoint and no --images: how many concept images to train on")
 
     def validate(self) -> None:
