@@ -29,7 +29,7 @@ import lora
 import sd
 from data import LatentLoader, encode_dataset
 from sampling import generate, grid, save_png, to_pil
-from training.config import TrainConfig, parse_args
+from training.config import TrainConfig, is_builtin_toy, parse_args
 from training.optim import lr_factor, make_optimizer, param_groups, set_lr
 from training.state import load_state, resolve, save_state
 
@@ -147,7 +147,7 @@ def toy_images(cfg: TrainConfig, out: Path) -> Path:
 
 
 def is_toy(cfg: TrainConfig) -> bool:
-    return Path(cfg.ckpt).resolve() == Path(TrainConfig.ckpt).resolve()
+    return is_builtin_toy(cfg.ckpt)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,8 +98,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Cheap checks that must fail before any model is loaded. Fills in 'auto' values."""
         if self.resolution == 0:
-            toy = Path(self.ckpt).resolve() == Path(TrainConfig.ckpt).resolve()
-            self.resolution = 32 if toy else 512
+            self.resolution = 32 if is_builtin_toy(self.ckpt) else 512
         choices = {"mode": ("lora", "full"), "lr_schedule": ("constant", "linear", "cosine"),
                    "optimizer": ("adamw", "adamw8bit"), "prediction_type": ("auto", "epsilon", "v_prediction"),
                    "precision": ("auto", "fp32", "bf16", "fp16"), "init": ("kaiming", "gaussian", "pissa"),
@@ -131,6 +130,15 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# `python train.py` on the built-in toy checkpoint without --config starts from this recipe: the toy's own settings
+# (small images, a larger batch and learning rate) instead of the defaults above, which suit SD 1.x/2.x files.
+TOY_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
+
+
+def is_builtin_toy(ckpt: str | Path) -> bool:
+    """Whether ckpt is the shipped toy model (toy/tiny_sd.safetensors), the default --ckpt."""
+    return Path(ckpt).resolve() == Path(TrainConfig.ckpt).resolve()
 
 
 def _closest(key: str) -> str:
@@ -183,7 +191,9 @@ def parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Train a LoRA (or resume-train the whole UNet) on an original SD checkpoint. With no arguments: "
                     "a LoRA for a new concept on the built-in toy model, on CPU, in a few minutes. "
-                    "Every key below can also be set in a YAML recipe (--config); the command line wins.",
+                    "Every key below can also be set in a YAML recipe (--config); the command line wins. "
+                    "On the built-in toy checkpoint without --config, the recipe configs/tiny_cpu.yaml "
+                    "replaces the defaults shown below.",
     )
     p.add_argument("--config", default="", help="YAML recipe (see configs/)")
     for name, f in FIELDS.items():
@@ -203,6 +213,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.error(f"unknown option {unknown[0]!r}{_closest(key)}")
     values = vars(args)
     recipe = values.pop("config")
+    if not recipe and is_builtin_toy(values.get("ckpt", TrainConfig.ckpt)):
+        recipe = TOY_RECIPE
     cfg = TrainConfig()
     if recipe:
         cfg = from_dict(load_yaml(recipe), cfg, source=recipe)
