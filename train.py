@@ -14,6 +14,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -141,8 +142,25 @@ def toy_images(cfg: TrainConfig, out: Path) -> Path:
     from toy import world
     folder = out / f"toy_{cfg.toy_concept}_images"
     if not folder.is_dir():
-        images, scenes = world.concept_dataset(cfg.toy_concept, cfg.toy_images)
-        world.write_folder(folder, images, scenes)
+        write_folder_once(folder, *world.concept_dataset(cfg.toy_concept, cfg.toy_images))
+    return folder
+
+
+def write_folder_once(folder: Path, images, scenes) -> None:
+    """The toy's generated images and captions, written beside the folder and renamed: a half-written one never counts."""
+    from toy import world
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    world.write_folder(tmp, images, scenes)
+    tmp.rename(folder)
+
+
+def toy_prior_images(cfg: TrainConfig, out: Path) -> Path:
+    """Captioned scenes of the toy's base world, for prior preservation: what the LoRA should leave as it was."""
+    from toy import world
+    folder = out / f"toy_prior_images_{cfg.toy_prior_images}"
+    if not folder.is_dir():
+        write_folder_once(folder, *world.make_dataset(cfg.toy_prior_images, seed=cfg.seed + 2000))
     return folder
 
 
@@ -213,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"resumed from {path} at step {start}")
 
     net = DDP(unet) if world > 1 else unet
-    prior = class_loader(cfg, model, out, rank, world) if cfg.class_prompt else None
+    prior = class_loader(cfg, model, out, rank, world) if uses_prior(cfg) else None
     schedule = model.schedule
     params = list(trainable.values())
     log = open(out / "log.jsonl", "a") if master else None
@@ -350,8 +368,20 @@ def validate(cfg: TrainConfig, model, out: Path, step: int) -> None:
              parameters=" | ".join(cfg.validation_prompts) + f"\nSteps: {cfg.validation_steps}, CFG scale: {cfg.validation_cfg}, Seed: {cfg.seed}")
 
 
+def uses_prior(cfg: TrainConfig) -> bool:
+    return bool(cfg.class_prompt or cfg.class_images or (is_toy(cfg) and cfg.toy_prior_images))
+
+
 def class_loader(cfg: TrainConfig, model, out: Path, rank: int, world: int) -> LatentLoader:
-    """DreamBooth prior preservation: class images from the frozen base, generated once and cached."""
+    """Prior preservation: a folder of captioned images (--class_images, or the toy's base world), or DreamBooth's
+    class images generated once from class_prompt by the frozen base. Encoded once and cached."""
+    if not cfg.class_prompt:
+        folder = Path(cfg.class_images) if cfg.class_images else toy_prior_images(cfg, out)
+        if rank == 0:
+            encode_dataset(folder, out / "class_cache", cfg.ckpt, resolution=cfg.resolution, seed=cfg.seed)
+        if world > 1:
+            dist.barrier()
+        return LatentLoader(out / "class_cache", batch_size=cfg.batch_size, seed=cfg.seed + 1)
     folder = out / "class_images"
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)

@@ -191,6 +191,8 @@ def test_ctrl_c_saves_a_resumable_state(world, tmp_path, monkeypatch):
     ({"images": "/nope/folder"}, "not found"),
     ({"rank": 0}, "rank"),
     ({"resolution": 30}, "multiple of 8"),
+    ({"class_images": "/nope/folder"}, "class_images: folder not found"),
+    ({"class_images": ".", "class_prompt": "a circle"}, "give one of them"),
 ])
 def test_bad_input_fails_before_any_model_is_loaded(world, tmp_path, override, message, monkeypatch):
     monkeypatch.setattr(sd, "load", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -227,3 +229,23 @@ def test_recipes_parse():
     from training.config import from_dict, load_yaml
     for recipe in sorted(Path("configs").glob("*.yaml")):
         from_dict(load_yaml(recipe), source=str(recipe))
+
+
+def test_class_images_are_encoded_with_their_own_captions_as_the_prior(world, tmp_path):
+    from data import LatentLoader
+    out = tmp_path / "prior"
+    assert train.main(args(world, out, steps=2, class_images=world["images"], prior_loss_weight=0.5)) == 0
+    prior = LatentLoader(out / "class_cache", batch_size=6, seed=0, shuffle=False, sample=False)
+    own = LatentLoader(world["cache"], batch_size=6, seed=0, shuffle=False, sample=False)
+    # the same images and captions as the instance set here, so the same cached conditioning
+    assert torch.equal(prior.batch(0).context, own.batch(0).context)
+
+
+def test_the_builtin_toy_without_a_recipe_uses_the_toy_recipe():
+    from training.config import TOY_RECIPE, load_yaml, parse_args
+    toy = load_yaml(TOY_RECIPE)
+    cfg = parse_args([])
+    assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.out) == (toy["steps"], toy["batch_size"], toy["lr"], toy["out"])
+    assert parse_args(["--steps", "7"]).steps == 7 and parse_args(["--steps", "7"]).lr == toy["lr"]
+    other = parse_args(["--ckpt", "some/model.safetensors"])
+    assert (other.steps, other.batch_size, other.lr) == (1000, 1, 1e-4)

@@ -80,6 +80,8 @@ class TrainConfig:
     class_prompt: str = opt("", "DreamBooth: class prompt for prior-preservation images (empty: off)")
     num_class_images: int = opt(0, "DreamBooth: how many class images to generate with the frozen base and cache")
     prior_loss_weight: float = opt(1.0, "DreamBooth: λ in loss = instance + λ·prior")
+    class_images: str = opt("", "prior preservation with images you have: a folder of captioned images (like "
+                                "sd-scripts' reg_data_dir), encoded with their own captions; replaces class_prompt")
 
     # --- outputs
     save_every: int = opt(0, "write the LoRA / checkpoint every N steps (0: only at the end)")
@@ -94,6 +96,8 @@ class TrainConfig:
     toy_concept: str = opt("purple", "with the built-in toy checkpoint and no --images: the held-out concept to learn "
                                    "(purple; star is blurred away by the toy VAE)")
     toy_images: int = opt(16, "with the built-in toy checkpoint and no --images: how many concept images to train on")
+    toy_prior_images: int = opt(0, "with the built-in toy checkpoint: this many captioned base-world images as "
+                                   "prior-preservation images (--class_images), against forgetting; 0: off")
 
     def validate(self) -> None:
         """Cheap checks that must fail before any model is loaded. Fills in 'auto' values."""
@@ -124,6 +128,12 @@ class TrainConfig:
                              "log.jsonl in the output folder has the same numbers")
         if self.images and not Path(self.images).is_dir():
             raise ValueError(f"images: dataset folder not found: {self.images}")
+        if self.class_images and not Path(self.class_images).is_dir():
+            raise ValueError(f"class_images: folder not found: {self.class_images}")
+        if self.class_images and self.class_prompt:
+            raise ValueError("class_images and class_prompt are two ways to get prior images: give one of them")
+        if self.toy_prior_images < 0:
+            raise ValueError(f"toy_prior_images must be >= 0, got {self.toy_prior_images}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
