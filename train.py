@@ -2,9 +2,12 @@
 
     python train.py                                   # the built-in toy: a LoRA for a new concept, on CPU
     python train.py --config configs/sd15_lora.yaml --ckpt v1-5-pruned-emaonly.safetensors --images data/
+    python train.py --config configs/sdxl_lora.yaml --ckpt sd_xl_base_1.0.safetensors --images data/
     torchrun --nproc_per_node 2 train.py ...          # DDP: NCCL on GPUs, gloo on CPU
 
 Data flow: images --data.encode_dataset--> latent cache --LatentLoader--> this loop --> LoRA file / checkpoint.
+SDXL: the cache also holds the pooled text and each image's size/crop conditioning, from which every batch builds
+the UNet's y; resolution defaults to 1024; SDXL's VAE runs in float32 (or bf16), never float16, where it overflows.
 Every option: python train.py --help.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ from tqdm import tqdm
 
 import lora
 import sd
-from data import LatentLoader, encode_dataset
+from data import CacheMismatchError, LatentLoader, encode_dataset
 from sampling import generate, grid, save_png, to_pil
 from training.config import TrainConfig, is_builtin_toy, parse_args
 from training.optim import lr_factor, make_optimizer, param_groups, set_lr
@@ -73,8 +76,10 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def diffusion_loss(unet, schedule, latents, context, seed: int, index: int, cfg: TrainConfig, autocast) -> torch.Tensor:
+def diffusion_loss(unet, schedule, latents, context, seed: int, index: int, cfg: TrainConfig, autocast,
+                   y: torch.Tensor | None = None) -> torch.Tensor:
     """The denoising loss of one micro-batch: MSE between the UNet output and the eps or v target, in fp32.
+    y: the extra conditioning vector of a UNet that takes one (SDXL: pooled text + size embeddings).
 
     Noise and timesteps come from a generator seeded by (seed, micro-batch index), so a resumed or
     data-parallel run draws exactly what a single uninterrupted run would."""
@@ -88,13 +93,61 @@ def diffusion_loss(unet, schedule, latents, context, seed: int, index: int, cfg:
     noisy = schedule.add_noise(latents, noise, t)
     target = schedule.target(latents, noise, t)
     with autocast:
-        pred = unet(noisy, t, context)
+        pred = unet(noisy, t, context) if y is None else unet(noisy, t, context, y)
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if cfg.min_snr_gamma:
         snr = schedule.snr(t)
         weight = snr.clamp(max=cfg.min_snr_gamma) / (snr if schedule.prediction_type == "epsilon" else snr + 1)
         loss = loss * weight
     return loss.mean()
+
+
+def conditioning(model, batch, autocast, dtype: torch.dtype, empty: tuple | None = None,
+                 drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context, y) for one micro-batch: the cached text embeddings, or the text encoder's output when it is
+    trained (no embeddings in the cache); y is None except for SDXL, where it is the pooled text plus each image's
+    own size conditioning (original size, crop, target size as cached: see data.pipeline.size_conditioning).
+
+    drop: a [B] bool mask of captions to drop (caption dropout). SD1/SD2 take the empty caption's embedding
+    (`empty` = cache.empty_prompt()); SDXL zeroes context and pooled text, as its authors train it (sgm's
+    unconditional text is zeros) and as sampling.generate encodes an empty negative prompt. Sizes are kept."""
+    xl = model.needs_y
+    dropping = drop is not None and bool(drop.any())
+    tokens = batch.tokens
+    if dropping and not xl and batch.context is None:
+        tokens = torch.where(drop[:, None], empty[0].to(tokens.device)[None], tokens)
+    if batch.context is not None:
+        context, pooled = batch.context, batch.pooled
+    else:
+        with autocast:
+            context, pooled = model.text_encoder(tokens, batch.tokens_g) if xl else (model.text_encoder(tokens), None)
+    if dropping and xl:
+        context = context * ~drop[:, None, None]
+        pooled = pooled * ~drop[:, None]
+    elif dropping and batch.context is not None:
+        context = torch.where(drop[:, None, None], empty[1].to(context)[None], context)
+    y = None
+    if xl:
+        sizes = batch.size_conditioning
+        y = model.vector(pooled.float(), sizes[:, 0:2], sizes[:, 2:4], sizes[:, 4:6])
+    return context.to(dtype), y
+
+
+def caption_drop_mask(rate: float, batch_size: int, seed: int, index: int) -> torch.Tensor | None:
+    """Which captions of micro-batch `index` are dropped: drawn from (seed, index) alone, like noise and timesteps."""
+    if not rate:
+        return None
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index + (1 << 48))  # a stream apart from the noise's
+    return torch.rand(batch_size, generator=g) < rate
+
+
+def check_cache(loader: LatentLoader, model, what: str = "cache") -> None:
+    """The cache must hold what this model's UNet is conditioned on (SDXL: pooled text and size conditioning)."""
+    width = model.text_encoder.config.width
+    try:
+        loader.cache.check(version=model.version, context_dim=width)
+    except CacheMismatchError as err:
+        raise CacheMismatchError(f"{what}: {err}") from None
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list[torch.Tensor],
@@ -164,13 +217,25 @@ def toy_prior_images(cfg: TrainConfig, out: Path) -> Path:
     return folder
 
 
+def is_sdxl_file(path: str) -> bool:
+    """Whether a checkpoint holds SDXL's text conditioner, from its key names alone (no weight is read)."""
+    return any(k.startswith(sd.model.SDXL_TEXT_PREFIX) for k in sd.CheckpointFile(path).keys())
+
+
 def is_toy(cfg: TrainConfig) -> bool:
     return is_builtin_toy(cfg.ckpt)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    resolution_given = cfg.resolution != 0
     cfg.validate()  # missing files, bad values: fail before any model is loaded
+    if is_sdxl_file(cfg.ckpt):
+        if not resolution_given:
+            cfg.resolution = 1024  # what SDXL base was trained at (by area; buckets keep about 1024^2 pixels)
+        if cfg.mode == "lora" and cfg.train_text_encoder:
+            print("note: SDXL text-encoder LoRA: CLIP-L gets q, k, v, out, fc1, fc2; OpenCLIP bigG keeps q/k/v in one "
+                  "packed tensor (in_proj_weight), so only its out_proj and MLP are adapted", file=sys.stderr)
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
     precision = pick_precision(cfg.precision, device)
@@ -185,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     weight_dtype = DTYPES[precision] if cfg.mode == "lora" else torch.float32
     model = sd.load(cfg.ckpt, dtype=weight_dtype, device=device,
                     prediction_type=None if cfg.prediction_type == "auto" else cfg.prediction_type)
+    check_cache(loader, model)
+    if master and model.version == "sdxl":
+        vae_dtype = str(next(model.vae.parameters()).dtype).removeprefix("torch.")
+        print(f"note: SDXL's VAE overflows in float16 (NaN images), so it never runs in it: the cache was encoded in "
+              f"float32, and validation/class images decode in {vae_dtype} (fp16 training keeps the VAE in float32)",
+              file=sys.stderr)
     torch.manual_seed(cfg.seed)
     unet = model.unet
     toy_before = toy_scores(cfg, model, "base") if master else None
@@ -232,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
 
     net = DDP(unet) if world > 1 else unet
     prior = class_loader(cfg, model, out, rank, world) if uses_prior(cfg) else None
+    if prior is not None:
+        check_cache(prior, model, "class images' cache")
+    dropout = cfg.caption_dropout
+    empty = loader.cache.empty_prompt() if dropout and not model.needs_y else None
     schedule = model.schedule
     params = list(trainable.values())
     log = open(out / "log.jsonl", "a") if master else None
@@ -262,15 +337,15 @@ def main(argv: list[str] | None = None) -> int:
                 batch = loader.batch(index).to(device)
                 sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else net.no_sync()
                 with sync:
-                    context = batch.context if batch.context is not None else None
-                    if context is None:
-                        with autocast:
-                            context = model.text_encoder(batch.tokens)
-                    loss = diffusion_loss(net, schedule, batch.latents, context.to(weight_dtype), cfg.seed, index, cfg, autocast)
+                    drop = caption_drop_mask(dropout, batch.latents.shape[0], cfg.seed, index)
+                    context, y = conditioning(model, batch, autocast, weight_dtype, empty,
+                                              None if drop is None else drop.to(device))
+                    loss = diffusion_loss(net, schedule, batch.latents, context, cfg.seed, index, cfg, autocast, y)
                     if prior is not None:
                         pb = prior.batch(index).to(device)
+                        context, y = conditioning(model, pb, autocast, weight_dtype)
                         loss = loss + cfg.prior_loss_weight * diffusion_loss(
-                            net, schedule, pb.latents, pb.context.to(weight_dtype), cfg.seed + 1, index, cfg, autocast)
+                            net, schedule, pb.latents, context, cfg.seed + 1, index, cfg, autocast, y)
                     if not torch.isfinite(loss):
                         raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
                     (scaler.scale(loss / cfg.grad_accum) if scaler else loss / cfg.grad_accum).backward()

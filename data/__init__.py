@@ -3,6 +3,7 @@
     report = encode_dataset("photos/", "cache/", "model.safetensors", resolution=512, bucket=True, flip=True)
     loader = LatentLoader("cache/", batch_size=4, seed=0)
     for batch in loader.iterate(start_step=0): ...   # batch.latents are sampled and scaled; batch.context if stored
+    # SDXL: also batch.pooled and batch.size_conditioning (each image's original size, crop, target), for y
 
 Command line: `python -m data.encode --help`.
 """

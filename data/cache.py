@@ -9,6 +9,12 @@ variant ("latent/<sha>/<W>x<H>/<top>_<left>/plain" with parts "mean" and "logvar
 entry's key names the caption's sha256 and the text layer ("text/<layer>/<sha>" with parts "context" and
 "tokens", or "tokens/<sha>" with only "tokens" when embeddings are not stored). So an unchanged image whose
 caption changed keeps its latents, and duplicate images share them. manifest["entries"] maps key -> shard.
+
+SDXL caches (manifest["model"]["version"] == "sdxl") hold more, and say so in the manifest: text entries also have
+"tokens_g" (bigG's padding) and, with embeddings, "pooled" (bigG's pooled vector, manifest["text"]["pooled"]); the
+context is both towers' (768 + 1280). Every item has "size_conditioning": per variant the six numbers of
+manifest["size_conditioning"] (original height, width; crop top, left; target height, width) that build the
+UNet's y. SD1/SD2 manifests have none of these keys.
 """
 from __future__ import annotations
 
@@ -165,6 +171,8 @@ class CacheItem:
     crop: tuple[int, int]            # (top, left) in the resized image
     latents: dict[str, str]          # variant ("plain", "flip") -> entry key
     text: str                        # entry key of the caption's tokens (and embedding, if stored)
+    # SDXL only: variant -> [original h, w, crop top, left, target h, w] in pixels (see data.pipeline.size_conditioning)
+    size_conditioning: dict[str, list[int]] | None = None
 
 
 class LatentCache:
@@ -184,7 +192,8 @@ class LatentCache:
         self.items = [CacheItem(
             file=i["file"], sha256=i["sha256"], caption=i["caption"], repeats=int(i["repeats"]),
             bucket=tuple(i["bucket"]), original_size=tuple(i["original_size"]), crop=tuple(i["crop"]),
-            latents=dict(i["latents"]), text=i["text"]) for i in manifest["items"]]
+            latents=dict(i["latents"]), text=i["text"], size_conditioning=i.get("size_conditioning"))
+            for i in manifest["items"]]
         if not self.items:
             raise DataError(f"{self.folder}: the cache holds no images")
         entries = manifest["entries"]
@@ -217,6 +226,21 @@ class LatentCache:
         return bool(self.manifest["text"]["embeddings"])
 
     @property
+    def version(self) -> str | None:
+        """The model family the cache was encoded with ('sd1', 'sd2', 'sdxl'), None if the manifest does not say."""
+        return self.manifest["model"].get("version")
+
+    @property
+    def has_pooled(self) -> bool:
+        """SDXL: the pooled text vector is stored beside each context."""
+        return bool(self.manifest["text"].get("pooled"))
+
+    @property
+    def has_size_conditioning(self) -> bool:
+        """SDXL: every item has its original size, crop and target size for the UNet's y."""
+        return "size_conditioning" in self.manifest and all(it.size_conditioning for it in self.items)
+
+    @property
     def fingerprint(self) -> str:
         """A short hash of what the loader sees (items in order: content, caption, repeats, entries, model).
         A training checkpoint can keep it: if it differs on resume, the batch order will not match the first run."""
@@ -228,8 +252,10 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self.items)
 
-    def check(self, model_sha256: str | None = None, resolution: int | str | tuple[int, int] | None = None) -> None:
-        """Raise CacheMismatchError if the cache was made for another model (file sha256) or resolution."""
+    def check(self, model_sha256: str | None = None, resolution: int | str | tuple[int, int] | None = None,
+              version: str | None = None, context_dim: int | None = None) -> None:
+        """Raise CacheMismatchError if the cache was made for another model (file sha256), resolution, model family
+        or text width, or, for version='sdxl', lacks what SDXL's y needs (pooled vector, size conditioning)."""
         from .buckets import parse_resolution
 
         problems = []
@@ -237,6 +263,16 @@ class LatentCache:
             problems.append(f"model sha256 {self.model_sha256[:10]} in the cache, {model_sha256[:10]} asked for")
         if resolution is not None and parse_resolution(resolution) != self.resolution:
             problems.append(f"resolution {self.resolution} in the cache, {parse_resolution(resolution)} asked for")
+        if version is not None and self.version is not None and version != self.version:
+            problems.append(f"a {self.version} model in the cache, {version} asked for")
+        elif version == "sdxl":
+            if not self.has_size_conditioning:
+                problems.append("no SDXL size conditioning (original size, crop, target size per image)")
+            if self.has_context and not self.has_pooled:
+                problems.append("text embeddings without SDXL's pooled vector")
+        cached_dim = self.manifest["model"].get("context_dim")
+        if context_dim is not None and self.has_context and cached_dim is not None and cached_dim != context_dim:
+            problems.append(f"text context width {cached_dim} in the cache, {context_dim} asked for")
         if problems:
             raise CacheMismatchError(f"{self.folder}: cache made for something else: {'; '.join(problems)}. "
                                      "Re-encode it (data.encode with --overwrite) or point at another cache folder.")
@@ -261,10 +297,27 @@ class LatentCache:
         """Frozen text-encoder output [77, D] in fp16 for the caption, or None if embeddings were not stored."""
         return self._read(self.items[index].text, "context") if self.has_context else None
 
+    def tokens_g(self, index: int) -> torch.Tensor | None:
+        """SDXL: the caption's token ids [77] padded for the second tower (OpenCLIP bigG); None for SD1/SD2."""
+        return self._read(self.items[index].text, "tokens_g") if self.version == "sdxl" else None
+
+    def pooled(self, index: int) -> torch.Tensor | None:
+        """SDXL: bigG's pooled text vector [1280] in fp16 for the caption; None when not stored."""
+        return self._read(self.items[index].text, "pooled") if self.has_pooled else None
+
+    def size_conditioning(self, index: int, variant: str = "plain") -> torch.Tensor | None:
+        """SDXL: [6] float32 (original h, w, crop top, left, target h, w) in pixels of image `index`'s `variant`."""
+        sizes = self.items[index].size_conditioning
+        return None if sizes is None else torch.tensor(sizes[variant], dtype=torch.float32)
+
     def empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(tokens, context) of the empty caption "", for caption dropout / unconditional training."""
         key = self.manifest["empty_text"]
         return self._read(key, "tokens"), (self._read(key, "context") if self.has_context else None)
+
+    def empty_pooled(self) -> torch.Tensor | None:
+        """SDXL: the pooled vector of the empty caption "" (None when not stored)."""
+        return self._read(self.manifest["empty_text"], "pooled") if self.has_pooled else None
 
     def close(self) -> None:
         self._handles.clear()

@@ -24,6 +24,8 @@ repeats: a folder named "<N>_<name>" (e.g. "10_sks dog") repeats its images N ti
 
 The cache folder holds manifest.json and shard-*.safetensors: for every image the VAE posterior mean and
 log-variance (fp16, unscaled) and, unless --no-text, the caption's text-encoder output; token ids always.
+SDXL: also bigG's pooled text vector, and each image's size conditioning (original size, crop top-left, target
+size = its bucket), from the resize and crop actually done to it, for the UNet's y.
 Running the same command again encodes only new or changed images (seconds when nothing changed). A cache made
 for another checkpoint or geometry (resolution, bucketing, crop) is refused; --overwrite replaces it.
 
@@ -31,6 +33,7 @@ examples:
   python -m data.encode --ckpt v1-5.safetensors --images photos --out photos/cache --resolution 512 \\
       --prompt "a photo of sks dog" --flip
   python -m data.encode --ckpt v1-5.safetensors --images train --out cache --resolution 512 --bucket --no-upscale
+  python -m data.encode --ckpt sd_xl_base_1.0.safetensors --images train --out cache --resolution 1024 --bucket
 """
 
 
@@ -48,13 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data.encode", formatter_class=_Formatter, epilog=EXAMPLES,
         description="Encode folders of training images (and captions) once into a latent cache for LoRA training.")
-    p.add_argument("--ckpt", required=True, help="Stable Diffusion 1.x/2.x checkpoint (.safetensors or .ckpt)")
+    p.add_argument("--ckpt", required=True, help="Stable Diffusion 1.x/2.x or SDXL base checkpoint (.safetensors or .ckpt)")
     p.add_argument("--images", required=True, action="append", metavar="DIR[:N]",
                    help="folder of images, searched recursively; repeat the option for several folders; "
                         ":N gives this folder N repeats")
     p.add_argument("--out", required=True, metavar="CACHE", help="cache folder (created, or updated if it exists)")
     p.add_argument("--resolution", default="512",
-                   help="training resolution: N for NxN, or W,H; a multiple of 8 for SD")
+                   help="training resolution: N for NxN, or W,H; a multiple of 8 for SD (SDXL: 1024)")
 
     g = p.add_argument_group("captions and repeats")
     g.add_argument("--prompt", default=None, help="one caption for every image (DreamBooth instance prompt)")
@@ -86,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not store text-encoder outputs (the text encoder will be trained); token ids are still stored")
     g.add_argument("--text-layer", choices=("last", "penultimate"), default=None,
                    help="text-encoder layer to store ('penultimate' is 'clip skip 2'); default: the model family's own "
-                        "(SD1 last, SD2 penultimate)")
+                        "(SD1 last, SD2 penultimate); not for SDXL, whose layers are fixed")
 
     g = p.add_argument_group("bad input")
     g.add_argument("--strict", action="store_true",
@@ -100,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=d.device, help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype,
                    help="precision of the VAE and text encoder while encoding (the cache is fp16 either way); "
-                        "float16 is faster on GPU but the SD VAE can overflow, which stops the run with a message")
+                        "float16 is faster on GPU but the SD VAE can overflow, which stops the run with a message; "
+                        "SDXL's VAE overflows in float16, so with float16 it runs in float32 (bfloat16 is fine)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per VAE call (mirrors count)")
     g.add_argument("--workers", type=int, default=d.workers, help="threads decoding and resizing images")
     g.add_argument("--shard-mb", type=int, default=d.shard_mb, help="approximate size of each cache shard file")

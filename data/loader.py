@@ -43,12 +43,16 @@ class Batch:
     bucket: tuple[int, int]              # (width, height) in pixels
     original_sizes: list[tuple[int, int]]
     crops: list[tuple[int, int]]         # (top, left) of each crop in its resized image
+    # SDXL only (None otherwise): what the UNet's y is built from (see sd.StableDiffusion.vector).
+    tokens_g: torch.Tensor | None = None           # [B, 77] int64, padded for the second tower (OpenCLIP bigG)
+    pooled: torch.Tensor | None = None             # [B, 1280] float32 frozen pooled text, if the cache stores it
+    size_conditioning: torch.Tensor | None = None  # [B, 6] float32: original h, w, crop top, left, target h, w
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         """Tensors moved to `device`; floating tensors cast to `dtype` if given."""
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None)  # noqa: E731
-        return Batch(**{**self.__dict__, "latents": move(self.latents), "tokens": move(self.tokens),
-                        "context": move(self.context)})
+        tensors = ("latents", "tokens", "context", "tokens_g", "pooled", "size_conditioning")
+        return Batch(**{**self.__dict__, **{name: move(getattr(self, name)) for name in tensors}})
 
 
 class LatentLoader:
@@ -128,6 +132,9 @@ class LatentLoader:
             latents = mean.float() * self.scale
         contexts = [self.cache.context(i) for i in indices] if self.cache.has_context else None
         items = [self.cache.items[i] for i in indices]
+        xl = self.cache.version == "sdxl"
+        sizes = ([self.cache.size_conditioning(i, "flip" if f else "plain") for i, f in zip(indices, flipped)]
+                 if self.cache.has_size_conditioning else None)
         return Batch(
             step=step, epoch=epoch, latents=latents,
             tokens=torch.stack([self.cache.tokens(i) for i in indices]).long(),
@@ -135,6 +142,9 @@ class LatentLoader:
             captions=[it.caption for it in items], files=[it.file for it in items], indices=list(indices),
             flipped=flipped, bucket=items[0].bucket, original_sizes=[it.original_size for it in items],
             crops=[it.crop for it in items],
+            tokens_g=torch.stack([self.cache.tokens_g(i) for i in indices]).long() if xl else None,
+            pooled=torch.stack([self.cache.pooled(i) for i in indices]).float() if self.cache.has_pooled else None,
+            size_conditioning=torch.stack(sizes) if sizes is not None else None,
         )
 
     def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[Batch]:

@@ -26,8 +26,11 @@ log = logging.getLogger("data")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-# The layer SD itself conditions on, per family; "clip skip" fine-tunes change it via text_layer.
-DEFAULT_TEXT_LAYER = {"sd1": "last", "sd2": "penultimate"}
+# The layer SD itself conditions on, per family; "clip skip" fine-tunes change it via text_layer. SDXL's is fixed:
+# both towers' penultimate hidden states (and bigG's pooled vector), see text.sdxl.
+DEFAULT_TEXT_LAYER = {"sd1": "last", "sd2": "penultimate", "sdxl": "penultimate"}
+# SDXL's six size numbers per image, in the order the UNet's y embeds them (text.sdxl.size_embedding).
+SIZE_CONDITIONING = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
 TEXT_BATCH = 32
 
 
@@ -53,7 +56,7 @@ class EncodeConfig:
     # Variants and text.
     flip: bool = False                 # also encode the mirror image, for random flips at training time
     text: bool = True                  # store text-encoder outputs (frozen text encoder); tokens are always stored
-    text_layer: str | None = None      # "last" / "penultimate" (clip skip); None: the model family's default
+    text_layer: str | None = None      # "last" / "penultimate" (clip skip); None: the family's default (SDXL: fixed)
     # Captions and repeats: see data.sources.CaptionRules.
     prompt: str | None = None
     caption_ext: str = ".txt"
@@ -196,8 +199,12 @@ class _Model:
         if self.loaded is not None:
             m = self.loaded
             out.update(version=m.version, scale_factor=m.scale_factor, latent_channels=m.vae.cfg.embed_dim,
-                       downsample_factor=m.vae.cfg.downsample_factor,
-                       context_dim=int(m.text_encoder.config.width), pad_id=int(m.text_encoder.pad_id))
+                       downsample_factor=m.vae.cfg.downsample_factor, context_dim=int(m.text_encoder.config.width))
+            if hasattr(m.text_encoder, "pad_ids"):  # SDXL: two towers, padded differently, and a pooled vector
+                out.update(pad_ids=[int(i) for i in m.text_encoder.pad_ids],
+                           pooled_dim=int(m.text_encoder.config.pooled_dim))
+            else:
+                out.update(pad_id=int(m.text_encoder.pad_id))
         return out
 
 
@@ -288,12 +295,17 @@ def encode_dataset(images: str | os.PathLike | ImageSource | Sequence[str | os.P
 
         # Which layer the stored embeddings come from; a first run has loaded the model by now.
         version = manifest["model"].get("version") or loaded_model().version
+        if version == "sdxl" and cfg.text_layer is not None:
+            raise ValueError(f"text_layer={cfg.text_layer!r} is for SD1/SD2; SDXL's layers are fixed (both towers' "
+                             "penultimate hidden states): leave text_layer unset")
         layer = None
         if cfg.text:
             layer = cfg.text_layer or (getattr(model.loaded.text_encoder, "layer", None) if model.loaded else None) \
                 or DEFAULT_TEXT_LAYER[version]
         for item in items:
             item["text"] = _text_key(item["caption"], layer)
+            if version == "sdxl":
+                item["size_conditioning"] = size_conditioning(item)
         empty_key = _text_key("", layer)
         todo_text = sorted({it["caption"] for it in items if it["text"] not in entries}
                            | ({""} if empty_key not in entries else set()))
@@ -304,6 +316,9 @@ def encode_dataset(images: str | os.PathLike | ImageSource | Sequence[str | os.P
         writer.flush()  # keep finished work even when interrupted
 
     manifest["text"] = {"embeddings": cfg.text, "layer": layer}
+    if version == "sdxl":  # SD1/SD2 manifests stay as they were
+        manifest["text"]["pooled"] = cfg.text  # bigG's pooled vector is stored beside each context
+        manifest["size_conditioning"] = list(SIZE_CONDITIONING)
     manifest["flip"] = cfg.flip
     manifest["items"] = items
     manifest["empty_text"] = empty_key
@@ -456,9 +471,24 @@ def _check_model_fits(model, geometry: Geometry) -> None:
                          "choose one that is")
 
 
+def size_conditioning(item: dict) -> dict[str, list[int]]:
+    """SDXL's size/crop conditioning of one manifest item, per variant: the six SIZE_CONDITIONING numbers in pixels.
+
+    original = the file's (height, width) after EXIF orientation; crop = (top, left) of the bucket in the resized
+    image; target = the bucket's (height, width). These are what the SDXL base saw in training (sgm's
+    original_size_as_tuple, crop_coords_top_left, target_size_as_tuple). The mirror image was cut from the mirrored
+    resized image, so its left offset is counted from the other side."""
+    (ow, oh), (rw, _), (bw, bh), (top, left) = item["original_size"], item["resized"], item["bucket"], item["crop"]
+    out = {"plain": [oh, ow, top, left, bh, bw]}
+    if "flip" in item["latents"]:
+        out["flip"] = [oh, ow, top, rw - bw - left, bh, bw]
+    return out
+
+
 @torch.inference_mode()
 def _encode_text(model, captions: list[str], layer: str | None, writer: ShardWriter, cfg: EncodeConfig) -> list[str]:
-    """Tokens (and, with a layer, frozen embeddings in fp16) of each caption; returns the captions that were cut."""
+    """Tokens (and, with a layer, frozen embeddings in fp16) of each caption; returns the captions that were cut.
+    SDXL adds bigG's tokens ("tokens_g") and, with a layer, its pooled vector ("pooled")."""
     if layer is not None and getattr(model.text_encoder, "layer", layer) != layer:
         raise ValueError(f"the loaded text encoder uses layer {model.text_encoder.layer!r} but text_layer={layer!r} "
                          "was asked for; load the model with sd.load(..., text_layer=...) or pass the path")
@@ -466,17 +496,30 @@ def _encode_text(model, captions: list[str], layer: str | None, writer: ShardWri
     cut = [c for c in captions if len(tokenizer.encode(c)) > tokenizer.context_length - 2]
     device = next(model.text_encoder.parameters()).device
     bar = tqdm(total=len(captions), desc="encoding captions", unit="caption", disable=not cfg.progress or len(captions) < 50)
+    xl = model.version == "sdxl"
     for start in range(0, len(captions), TEXT_BATCH):
         chunk = captions[start:start + TEXT_BATCH]
+        # SDXL: one token tensor per tower (the same ids, padded differently), and a pooled vector from bigG.
         tokens = model.tokenize(chunk)
-        context = model.text_encoder(tokens.to(device)).float() if layer is not None else None
-        if context is not None and not torch.isfinite(context).all():
-            raise DataError(f"the text encoder produced NaN/inf in {next(model.text_encoder.parameters()).dtype}; "
-                            "encode with dtype float32")
+        tokens, tokens_g = tokens if xl else (tokens, None)
+        context = pooled = None
+        if layer is not None:
+            if xl:
+                context, pooled = model.text_encoder(tokens.to(device), tokens_g.to(device))
+                context, pooled = context.float(), pooled.float()
+            else:
+                context = model.text_encoder(tokens.to(device)).float()
+            if not (torch.isfinite(context).all() and (pooled is None or torch.isfinite(pooled).all())):
+                raise DataError(f"the text encoder produced NaN/inf in {next(model.text_encoder.parameters()).dtype}; "
+                                "encode with dtype float32")
         for row, caption in enumerate(chunk):
             parts = {"tokens": tokens[row]}
+            if tokens_g is not None:
+                parts["tokens_g"] = tokens_g[row]
             if context is not None:
                 parts["context"] = context[row].to(torch.float16)
+            if pooled is not None:
+                parts["pooled"] = pooled[row].to(torch.float16)
             writer.add(_text_key(caption, layer), parts)
         bar.update(len(chunk))
     bar.close()

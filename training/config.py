@@ -22,12 +22,12 @@ def opt(default: Any, help: str) -> Any:
 @dataclass
 class TrainConfig:
     # --- what to train on
-    ckpt: str = opt("toy/tiny_sd.safetensors", "base checkpoint: an original SD 1.x/2.x .safetensors or .ckpt")
+    ckpt: str = opt("toy/tiny_sd.safetensors", "base checkpoint: an original SD 1.x/2.x or SDXL base .safetensors or .ckpt")
     images: str = opt("", "image folder with captions (name.txt beside each image, or metadata.jsonl); "
                           "empty with the built-in toy checkpoint: the toy world's new-concept images")
     prompt: str = opt("", "one caption for every image (DreamBooth instance prompt); empty: use the caption files")
     cache: str = opt("", "latent cache folder; empty: <out>/cache. Encoded on the first run, reused afterwards")
-    resolution: int = opt(0, "training resolution in pixels (multiple of 8); 0: 32 for the built-in toy, else 512")
+    resolution: int = opt(0, "training resolution in pixels (multiple of 8); 0: 32 for the built-in toy, 1024 for SDXL, else 512")
     bucket: bool = opt(False, "aspect-ratio bucketing instead of square crops")
     bucket_step: int = opt(64, "bucketing: bucket sides are multiples of this many pixels")
     flip: bool = opt(False, "also encode horizontally flipped copies")
@@ -64,6 +64,8 @@ class TrainConfig:
     prediction_type: str = opt("auto", "auto (from the checkpoint), epsilon or v_prediction")
     min_snr_gamma: float = opt(0.0, "min-SNR-γ loss weighting (Hang et al. 2023; 5 is common; 0: off)")
     noise_offset: float = opt(0.0, "noise offset: add offset·N(0,1) per channel to the noise (0: off)")
+    caption_dropout: float = opt(0.0, "probability of training a caption as unconditional, for CFG (SD1/SD2: the empty "
+                                      "caption's embedding; SDXL: zero text and pooled vector, sizes kept); 0: off")
 
     # --- precision and memory
     precision: str = opt("auto", "fp32, bf16 (autocast, no scaler) or fp16 (fp16 weights, fp32 LoRA params, GradScaler; CUDA); "
@@ -119,6 +121,8 @@ class TrainConfig:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0 (0 means alpha = rank), got {self.alpha}")
         if not Path(self.ckpt).is_file():
