@@ -407,11 +407,11 @@ def meta_model(model: str) -> dict[str, torch.nn.Module]:
             return {"unet": UNetModel(dataclasses.replace(UNetConfig.tiny_sd1(), context_dim=te.config.width)),
                     "te": te}
     from sd.checkpoint import CheckpointFile
-    from sd.load import _build, detect_version, split_parts
+    from sd.load import build_models, detect_version, split_parts
     from sd.model import TEXT_PREFIX, UNET_PREFIX
     ckpt = CheckpointFile(model)
     parts = split_parts(ckpt)
-    built = _build(ckpt, parts, detect_version(parts), None)  # on the meta device: no weight is read
+    built = build_models(ckpt, parts, detect_version(parts), None)  # on the meta device: no weight is read
     return {"unet": built[UNET_PREFIX], "te": built[TEXT_PREFIX]}
 
 

@@ -173,7 +173,9 @@ def parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("sweep", help="train a rank x alpha x rule x lr grid with train.py and compare the runs",
                        description="Options after -- go to train.py (e.g. -- --ckpt base.safetensors --images data/ "
-                                   "--steps 500); the grid's values override them.")
+                                   "--steps 500); the grid's values override them. On the built-in toy checkpoint "
+                                   "the table also gets each run's concept and forgetting scores (train.py's "
+                                   "scores.json).")
     q.add_argument("--rank", type=_ints, default=[4, 16], help="comma-separated ranks (default 4,16)")
     q.add_argument("--alpha", type=_alphas, default=["rank"], help="comma-separated alphas; 'rank' means alpha = r")
     q.add_argument("--rule", default="r", help="comma-separated scaling rules: r (alpha/r) and/or sqrt (alpha/sqrt(r))")

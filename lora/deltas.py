@@ -266,22 +266,22 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, Delta], dict[str, str]]:
     Reads what lora.load reads (kohya, LoCon, diffusers/peft) with the same alpha rules.
     """
     path = str(path)
-    tensors, metadata = lora_io._read(path)
-    entries, problems = lora_io._parse(tensors)
+    tensors, metadata = lora_io.read_tensors(path)
+    entries, problems = lora_io.parse_entries(tensors)
     for (_, module, _), entry in entries.items():
         if entry.down is None or entry.up is None:
             problems.setdefault("modules missing their down or up weight", []).append(module)
     if problems:
-        raise ValueError(lora_io._describe(path, problems, []).replace("cannot load", "cannot read"))
+        raise ValueError(lora_io.describe_problems(path, problems, []).replace("cannot load", "cannot read"))
     if not entries:
         raise ValueError(f"{path}: no LoRA weights in this file")
     rs_file = metadata.get(lora_io.SCALING_KEY) == "alpha/sqrt(r)"
-    peft = lora_io._peft_configs(metadata, path)
+    peft = lora_io.peft_configs(metadata, path)
     deltas = {}
     for (part, module, fmt), entry in entries.items():
         down, up = entry.down.float(), entry.up.float()
         r = down.shape[0]
-        alpha, rs = lora_io._alpha_rule(entry, r, rs_file, peft)
+        alpha, rs = lora_io.entry_alpha(entry, r, rs_file, peft)
         name = module if fmt == "kohya" else DIFFUSERS_PREFIX[part] + module
         deltas[name] = Delta(name=name, shape=(up.shape[0], *down.shape[1:]), up=up.flatten(1), down=down.flatten(1),
                              scale=alpha / (math.sqrt(r) if rs else r), file_key=name, file_format=fmt)

@@ -110,7 +110,7 @@ def extract(tuned: str | os.PathLike, base: str | os.PathLike | Base, rank: int,
     to give each layer only the rank that holds that much of its ||ΔW||² (at most rank). targets: only
     these layers (a preset like 'attn-mlp', or patterns); layers the fine-tune did not change are left out.
     """
-    from .io import _base_version, num_res_blocks
+    from .io import base_model_version, num_res_blocks
     from .names import kohya_name
 
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
@@ -141,7 +141,7 @@ def extract(tuned: str | os.PathLike, base: str | os.PathLike | Base, rank: int,
         energies.append(fro ** 2)
     total = _summary(rows, energies)
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
-                "ss_base_model_version": _base_version(base.model, {"unet": base.model.unet}),
+                "ss_base_model_version": base_model_version(base.model, {"unet": base.model.unet}),
                 "lora_scaling": "alpha/r", "lora_extracted_from": Path(tuned).name,
                 "lora_extracted_base": Path(base.path).name, "lora_extract_energy_kept": f"{total['kept_energy']:.6f}"}
     if conv_rank:

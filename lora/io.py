@@ -100,9 +100,13 @@ def _namer(part: str, module: nn.Module):
 SDXL_BASE_VERSION = "sdxl_base_v1-0"  # what sd-scripts writes for SDXL
 
 
-def _base_version(model: Any, parts: dict[str, nn.Module]) -> str:
+def base_model_version(model: Any, parts: dict[str, nn.Module]) -> str:
     """sd-scripts' ss_base_model_version: 'sd_v1', 'sd_v2', with '_v' for v-prediction when the model says so;
-    'sdxl_base_v1-0' for SDXL."""
+    'sdxl_base_v1-0' for SDXL.
+
+    model: what was given to save/load (its .version and .prediction_type are used when it has them);
+    parts: model_parts(model), read when the model does not say its version.
+    """
     version = getattr(model, "version", None)
     if version == "sdxl" or "te2" in parts or ("unet" in parts and _is_sdxl_unet(parts["unet"])):
         return SDXL_BASE_VERSION
@@ -189,7 +193,7 @@ def save(path: str | os.PathLike, model: Any, format: str = "kohya", *, name: st
         ranks = Counter(layer.rank for layer in layers)
         alphas = Counter(layer.scale * layer.rank for layer in layers)
         conv = [layer for layer in layers if any(k > 1 for k in getattr(layer, "kernel_size", ()))]
-        version = _base_version(model, parts)
+        version = base_model_version(model, parts)
         meta.update({
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(ranks.most_common(1)[0][0]),
@@ -222,7 +226,8 @@ def save(path: str | os.PathLike, model: Any, format: str = "kohya", *, name: st
 # ------------------------------------------------------------------------------------------ read
 
 @dataclass
-class _Entry:
+class FileEntry:
+    """One module's tensors in a LoRA file, as parse_entries() groups them (factors as stored, not reshaped)."""
     part: str
     module: str          # the module name as the file spells it
     fmt: str             # "kohya" or "diffusers": which naming `module` follows
@@ -266,13 +271,17 @@ def _fix_diffusers_module(part: str, module: str) -> str:
     return module
 
 
-def _parse(tensors: dict[str, torch.Tensor]) -> tuple[dict[tuple, _Entry], dict[str, list[str]]]:
-    """Group a file's tensors by module; also return {problem: [keys]} for keys we cannot use."""
-    entries: dict[tuple, _Entry] = {}
+def parse_entries(tensors: dict[str, torch.Tensor]) -> tuple[dict[tuple[str, str, str], FileEntry], dict[str, list[str]]]:
+    """Group a file's tensors by module: {(part, module name as the file spells it, format): FileEntry}.
+
+    Also returns {problem: [keys]} for the keys we cannot use (unsupported LoRA types, unknown keys), for
+    describe_problems(). A FileEntry may lack its down or up weight: callers check.
+    """
+    entries: dict[tuple[str, str, str], FileEntry] = {}
     problems: dict[str, list[str]] = {}
 
     def add(part: str, module: str, fmt: str, role: str, key: str) -> None:
-        entry = entries.setdefault((part, module, fmt), _Entry(part, module, fmt))
+        entry = entries.setdefault((part, module, fmt), FileEntry(part, module, fmt))
         if role == "alpha":
             entry.alpha = float(tensors[key].float().item())
         else:
@@ -314,7 +323,9 @@ def _parse(tensors: dict[str, torch.Tensor]) -> tuple[dict[tuple, _Entry], dict[
     return entries, problems
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA file's tensors and metadata: .safetensors (with its header metadata) or a torch file holding a flat
+    dict of tensors (no metadata). Raises FileNotFoundError / ValueError with the path."""
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no LoRA file at {path}")
@@ -362,8 +373,9 @@ def _target_weight(module: nn.Module, mpath: str) -> torch.Tensor:
     return module.get_submodule(mpath).weight
 
 
-def _peft_configs(metadata: dict[str, str], path: str) -> dict[str, dict]:
-    """diffusers' 'lora_adapter_metadata' (peft LoraConfig fields, keyed 'unet.lora_alpha' ...) by model part."""
+def peft_configs(metadata: dict[str, str], path: str) -> dict[str, dict]:
+    """diffusers' 'lora_adapter_metadata' (peft LoraConfig fields, keyed 'unet.lora_alpha' ...) by model part:
+    {'unet': {...}, 'te': {...}, 'te2': {...}}; {} when the file has none. `path` only names the file in errors."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
@@ -382,8 +394,12 @@ def _peft_configs(metadata: dict[str, str], path: str) -> dict[str, dict]:
     return out
 
 
-def _alpha_rule(entry: _Entry, rank: int, rs_file: bool, peft: dict[str, dict]) -> tuple[float, bool]:
-    """(alpha, rank-stabilised?) for one module of a file."""
+def entry_alpha(entry: FileEntry, rank: int, rs_file: bool, peft: dict[str, dict]) -> tuple[float, bool]:
+    """(alpha, rank-stabilised?) for one module of a file, so that its scale is alpha/r (or alpha/sqrt(r)).
+
+    The order: the module's own .alpha tensor (rs_file: the file's metadata says alpha/sqrt(r), see save());
+    then the peft config of its part (peft_configs(), with alpha_pattern); else alpha = rank (scale 1).
+    """
     if entry.alpha is not None:
         if rs_file:  # our rsLoRA files hold alpha·sqrt(r), so that alpha_file / r is the scale for every reader
             return entry.alpha / math.sqrt(rank), True
@@ -411,7 +427,8 @@ class LoadedLoRA:
     metadata: dict[str, str]
 
 
-def _describe(path: str, problems: dict[str, list[str]], hints: list[str]) -> str:
+def describe_problems(path: str, problems: dict[str, list[str]], hints: list[str]) -> str:
+    """The error message for a file that cannot be used: each problem with (up to 12 of) its keys, then hints."""
     lines = [f"cannot load LoRA file {path}: nothing was changed."]
     for what, items in problems.items():
         shown = "".join(f"\n      {x}" for x in items[:12])
@@ -436,11 +453,11 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
     trainable=True (with e.g. dtype=torch.float32) gives layers to go on training, as inject() makes.
     """
     path = str(path)
-    tensors, metadata = _read(path)
-    entries, problems = _parse(tensors)
+    tensors, metadata = read_tensors(path)
+    entries, problems = parse_entries(tensors)
     parts = model_parts(model)
     rs = metadata.get(SCALING_KEY) == "alpha/sqrt(r)"
-    peft = _peft_configs(metadata, path)
+    peft = peft_configs(metadata, path)
     name = name or Path(path).stem
     if not merge:
         used = {layer.name for module in parts.values() for _, layer in named_lora_layers(module)}
@@ -465,7 +482,7 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
                 diffusers[hf] = packed
         lookups[(part, "kohya")], lookups[(part, "diffusers")] = kohya, diffusers
 
-    plan: list[tuple[str, str, _Entry]] = []  # (part, module path, entry)
+    plan: list[tuple[str, str, FileEntry]] = []  # (part, module path, entry)
     skipped: list[str] = []
     hints: list[str] = []
     part_names = {"unet": "UNet", "te": "text encoder", "te1": "first SDXL text encoder (CLIP-L, lora_te1_)",
@@ -510,11 +527,11 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
         plan.append((part, mpath, entry))
 
     file_version = metadata.get("ss_base_model_version")
-    model_version = _base_version(model, parts)
+    model_version = base_model_version(model, parts)
     if problems and file_version and "unet" in parts and file_version[:5] != model_version[:5]:
         hints.append(f"the file says ss_base_model_version={file_version}; the model is {model_version}")
     if problems:
-        raise ValueError(_describe(path, problems, hints))
+        raise ValueError(describe_problems(path, problems, hints))
     if not plan:
         raise ValueError(f"cannot load LoRA file {path}: no LoRA weights for this model in it")
 
@@ -522,7 +539,7 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
     for part, mpath, entry in plan:
         module = parts[part]
         r = entry.down.shape[0]
-        alpha, layer_rs = _alpha_rule(entry, r, rs, peft)
+        alpha, layer_rs = entry_alpha(entry, r, rs, peft)
         if merge:
             weight = _target_weight(module, mpath)
             file_scale = alpha / (math.sqrt(r) if layer_rs else r)

@@ -116,14 +116,8 @@ def heatmaps(path: Path, mats: Mapping[str, np.ndarray], xlabel: str, ylabel: st
     _save(fig, path)
 
 
-def lines(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
-          title: str, logx: bool = False, logy: bool = False, markers: bool = True,
-          hlines: Mapping[str, float] | None = None) -> None:
-    """One line per series, each given as (xs, ys); hlines: labelled horizontal reference lines.
-
-    logx uses base 2 with the data's own x values as ticks (ranks are usually powers of two)."""
-    fig = Figure(figsize=(6.5, 4.2))
-    ax = fig.subplots()
+def _draw_lines(ax, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
+                title: str, logx: bool, logy: bool, markers: bool, hlines: Mapping[str, float] | None) -> None:
     for colour, (label, (xs, ys)) in zip(_colours(len(series), "tab10"), series.items()):
         ax.plot(list(xs), list(ys), marker="o" if markers else None, ms=3, color=colour, label=label)
     for label, y in (hlines or {}).items():
@@ -141,6 +135,26 @@ def lines(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence[float
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def lines(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
+          title: str, logx: bool = False, logy: bool = False, markers: bool = True,
+          hlines: Mapping[str, float] | None = None) -> None:
+    """One line per series, each given as (xs, ys); hlines: labelled horizontal reference lines.
+
+    logx uses base 2 with the data's own x values as ticks (ranks are usually powers of two)."""
+    fig = Figure(figsize=(6.5, 4.2))
+    _draw_lines(fig.subplots(), series, xlabel, ylabel, title, logx, logy, markers, hlines)
+    _save(fig, path)
+
+
+def line_panels(path: Path, panels: Sequence[tuple[Mapping[str, tuple[Sequence[float], Sequence[float]]], str, str,
+                                                   Mapping[str, float] | None]],
+                xlabel: str, logx: bool = False) -> None:
+    """Side-by-side line plots sharing an x axis; each panel is (series, ylabel, title, hlines) as for lines()."""
+    fig = Figure(figsize=(5.2 * len(panels), 4.0))
+    for ax, (series, ylabel, title, hlines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        _draw_lines(ax, series, xlabel, ylabel, title, logx, False, True, hlines)
     _save(fig, path)
 
 

@@ -6,7 +6,8 @@
 
 Everything after `--` goes to train.py unchanged (the grid's values override it). Each run trains into
 <out>/<run name>/ (finished runs are reused), then all are measured against the same base: final training
-loss, validation loss on held-out images at fixed timesteps and noise, ||ΔW||_F per block, and sample grids.
+loss, validation loss on held-out images at fixed timesteps and noise, ||ΔW||_F per block, and sample grids;
+on the built-in toy checkpoint also the concept and forgetting scores that train.py wrote to <run>/scores.json.
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ def train_grid(grid: SweepGrid, train_args: Sequence[str], out: str | Path) -> t
                 continue
             diff = sorted(k for k in want if have.get(k) != want[k])
             raise ValueError(f"{folder} holds a run with another config (differs in {diff}); use another --out")
-        if (folder / "log.jsonl").is_file():
-            (folder / "log.jsonl").unlink()  # an unfinished earlier attempt: start its log afresh
+        for stale in ("log.jsonl", "scores.json"):  # an unfinished earlier attempt: drop its log and scores
+            if (folder / stale).is_file():
+                (folder / stale).unlink()
         print(f"\n=== sweep run {i + 1}/{len(points)}: {point['name']} ===", flush=True)
         rc = train.main(argv)
         point["status"] = "ok" if rc == 0 and final.is_file() else f"failed (exit {rc})"
@@ -176,6 +178,25 @@ def train_losses(folder: str | Path) -> list[float]:
     return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
 
 
+SCORES = ("concept_score", "forgetting_score")
+
+
+def toy_scores(folder: str | Path) -> dict[str, float] | None:
+    """The toy world's scores that train.py wrote to <run>/scores.json (built-in toy checkpoint with toy_eval),
+    as {'concept_score', 'forgetting_score'} of the trained model plus 'concept_base', 'forgetting_base' of its
+    base; None when the run has no scores.json."""
+    path = Path(folder) / "scores.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    try:
+        out = {key: float(data["trained"][key]) for key in SCORES}
+        out.update({key.replace("_score", "_base"): float(data["base"][key]) for key in SCORES})
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: expected {{'base': {{...}}, 'trained': {{...}}}} with {SCORES}; {err!r}") from err
+    return out
+
+
 def block_norms(model_parts: dict[str, torch.nn.Module], name: str) -> dict[str, float]:
     """||ΔW||_F per block of adapter `name` (sqrt of the sum of its layers' squared norms)."""
     from .inject import named_lora_layers
@@ -195,6 +216,8 @@ def sweep(grid: SweepGrid, train_args: Sequence[str], out: str | Path, *, val_im
     final_train_loss: mean of the last `tail` fraction of logged steps (single steps are noisy).
     val_loss: validation_loss() averaged over `timesteps`, on `val_images` (held-out captioned images; the toy
     checkpoint draws its own). dW.<block>: ||ΔW||_F of each block. prompts: one sample grid, a row per run.
+    concept_score, forgetting_score (and their base values): from each run's scores.json when train.py wrote one
+    (the built-in toy checkpoint with toy_eval on).
     """
     import lora
     import sd
@@ -223,6 +246,9 @@ def sweep(grid: SweepGrid, train_args: Sequence[str], out: str | Path, *, val_im
         if losses:
             n = max(1, int(round(len(losses) * tail)))
             row.update(steps=len(losses), final_train_loss=float(np.mean(losses[-n:])), last_train_loss=losses[-1])
+        scores = toy_scores(p["dir"]) if p["status"] in ("ok", "reused") else None
+        if scores:
+            row.update(scores)
         if p["status"] in ("ok", "reused"):
             lora.load(Path(p["dir"]) / "lora_final.safetensors", parts, name="sweep")
             vals = validation_loss(model, batches, timesteps, cfg.seed)
@@ -239,13 +265,29 @@ def sweep(grid: SweepGrid, train_args: Sequence[str], out: str | Path, *, val_im
         rows.append(row)
     main_cols = ("name", "rank", "alpha_label", "rule", "scale", "lr", "seed", "status", "final_train_loss", "val_loss",
                  "val_vs_base", "dW_fro")
-    blank = {("alpha" if k == "alpha_label" else k): "" for k in main_cols}
-    summary = [{**blank, "name": "base", "status": "base", "val_loss": float(np.mean(base_val))}] + \
-        [{("alpha" if k == "alpha_label" else k): r[k] for k in main_cols if k in r} for r in rows]
+    scored = [r for r in rows if "concept_score" in r]
+    base_row: dict[str, Any] = {"val_loss": float(np.mean(base_val))}
     notes = [f"val_loss: mean denoising loss on {sum(len(b.files) for b in batches)} held-out images "
              f"({val_images}) at t = {list(timesteps)}, fixed noise; final_train_loss: mean of the last "
              f"{tail:.0%} of logged steps. Runs and train.py commands: {out}/<name>/, sweep.json."]
-    figures = _figures(rows, curves, per_t, sorted(blocks_all, key=block_key), base_val, list(timesteps))
+    base_scores = None
+    if scored:
+        main_cols += SCORES
+        # train.py scores the base with each run's seed: one base row when every run saw the same numbers.
+        bases = {tuple(r[k.replace("_score", "_base")] for k in SCORES) for r in scored}
+        if len(bases) == 1:
+            base_scores = dict(zip(SCORES, bases.pop()))
+            base_row.update(base_scores)
+        notes.append("concept_score: fraction of concept-prompt samples that show the concept (higher: learnt); "
+                     "forgetting_score: colour+shape accuracy on base-world prompts (lower than base: forgotten). "
+                     "From each run's scores.json" + ("." if base_scores else
+                                                       "; base values differ per seed: concept_base, "
+                                                       "forgetting_base in sweep.csv."))
+    blank = {("alpha" if k == "alpha_label" else k): "" for k in main_cols}
+    summary = [{**blank, "name": "base", "status": "base", **base_row}] + \
+        [{("alpha" if k == "alpha_label" else k): r[k] for k in main_cols if k in r} for r in rows]
+    figures = _figures(rows, curves, per_t, sorted(blocks_all, key=block_key), base_val, list(timesteps),
+                       base_scores)
     if images:
         labels = list(images)
 
@@ -262,8 +304,9 @@ def sweep(grid: SweepGrid, train_args: Sequence[str], out: str | Path, *, val_im
     return Result("sweep", rows, summary, data, figures, notes)
 
 
-def _figures(rows, curves, per_t, blocks, base_val, timesteps) -> dict:
+def _figures(rows, curves, per_t, blocks, base_val, timesteps, base_scores=None) -> dict:
     done = [r for r in rows if "val_loss" in r]
+    scored = [r for r in rows if "concept_score" in r]
 
     def val_vs_rank(path):
         series: dict[str, tuple[list, list]] = {}
@@ -295,7 +338,27 @@ def _figures(rows, curves, per_t, blocks, base_val, timesteps) -> dict:
         values = np.array([[r.get(f"dW.{b}", 0.0) for b in blocks] for r in done])
         plots.matrix(path, values, [r["name"] for r in done], blocks, "||ΔW||_F per block", "||ΔW||_F")
 
+    def scores_plot(path):
+        # x: rank when the grid has several, else alpha; one line per remaining setting.
+        by_rank = len({r["rank"] for r in scored}) > 1
+        seeds = len({r["seed"] for r in scored}) > 1
+        panels = []
+        for key, label in (("concept_score", "concept score (higher: learnt)"),
+                           ("forgetting_score", "forgetting score (lower: forgotten)")):
+            series: dict[str, tuple[list, list]] = {}
+            for r in sorted(scored, key=lambda r: r["rank"] if by_rank else r["alpha"]):
+                name = (f"α={r['alpha_label']} " if by_rank else f"r={r['rank']} ") + \
+                    f"{r['rule']} lr={r['lr']:g}" + (f" seed {r['seed']}" if seeds else "")
+                xs, ys = series.setdefault(name, ([], []))
+                xs.append(r["rank"] if by_rank else r["alpha"])
+                ys.append(r[key])
+            hlines = {"base": base_scores[key]} if base_scores else None
+            panels.append((series, label, key.replace("_", " "), hlines))
+        plots.line_panels(path, panels, "rank r" if by_rank else "alpha", logx=True)
+
     figures = {"sweep_train_loss.png": train_curves}
+    if scored:
+        figures["sweep_toy_scores.png"] = scores_plot
     if done:
         figures.update({"sweep_val_loss.png": val_vs_rank, "sweep_val_by_timestep.png": by_timestep,
                         "sweep_dw_blocks.png": dw_blocks})

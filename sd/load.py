@@ -113,9 +113,14 @@ def _check_fits(model: nn.Module, part: Mapping[str, torch.Tensor], where: str) 
         raise CheckpointError(f"{where} does not fit the inferred architecture; " + "; ".join(problems))
 
 
-def _build(ckpt: CheckpointFile, parts: Mapping[str, Mapping[str, torch.Tensor]], version: str,
-           text_layer: str | None) -> dict[str, nn.Module]:
-    """Infer each architecture from shapes and build it on the meta device; raise with the file name on any mismatch."""
+def build_models(ckpt: CheckpointFile, parts: Mapping[str, Mapping[str, torch.Tensor]], version: str,
+                 text_layer: str | None) -> dict[str, nn.Module]:
+    """Infer each architecture from shapes and build it on the meta device; raise with the file name on any mismatch.
+
+    parts: split_parts(ckpt); version: detect_version(parts); text_layer: None for the family default.
+    Returns {part prefix ('model.diffusion_model.', 'first_stage_model.', the text prefix): meta module}.
+    No weight is read: build_meta() is the one-call form that also opens the file and detects the version.
+    """
     text = text_prefix(version)
     text_prepare = text_state_dict_preparer(version)
     if version == "sdxl":
@@ -178,7 +183,7 @@ def build_meta(path: str | os.PathLike, text_layer: str | None = None) -> tuple[
         version = detect_version(parts)
     except CheckpointError as err:
         raise CheckpointError(f"{ckpt.path}: {err}") from err
-    return ckpt, version, _build(ckpt, parts, version, text_layer)
+    return ckpt, version, build_models(ckpt, parts, version, text_layer)
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

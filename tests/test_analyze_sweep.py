@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ from PIL import Image, ImageDraw
 
 import lora
 import sd
+import train
 from lora import analyze as la
-from lora.sweep import SweepGrid, validation_batches, validation_loss
+from lora.sweep import SweepGrid, toy_scores, validation_batches, validation_loss
 from sd.checkpoint import write_state_dict
 from sd.tiny import tiny_state_dict
 
@@ -38,7 +40,7 @@ def train_args(world) -> list[str]:
             "--steps=3", "--batch_size=2", "--targets=attn", "--toy_eval=False", "--seed=0"]
 
 
-def test_sweep_trains_the_grid_measures_every_run_and_reuses_finished_runs(world, capsys):
+def test_sweep_trains_the_grid_measures_every_run_and_reuses_finished_runs(world, capsys, tmp_path):
     out = world["root"] / "grid"
     argv = ["sweep", "--rank", "2,4", "--rule", "r", "--alpha", "rank", "--lr", "3e-3", "--out", str(out),
             "--val-images", world["val"], "--prompts", "a red circle", "--sample-steps", "2", "--timesteps", "200,800",
@@ -56,11 +58,39 @@ def test_sweep_trains_the_grid_measures_every_run_and_reuses_finished_runs(world
                  "sweep_samples.png", "sweep_val_by_timestep.png"):
         assert (out / name).is_file(), name
     assert "val_loss" in capsys.readouterr().out
+    assert "concept_score" not in rows["r2_a=r_lin_lr0.003"]  # toy_eval off: no scores.json, no score columns
+    assert not (out / "sweep_toy_scores.png").exists()
+    # The toy's scores, written by train.py's own writer as a toy run would: concept 0.25 -> 0.5 + r/16 for rank r.
+    for rank in (2, 4):
+        before = {"concept_score": 0.25, "forgetting_score": 0.75, "base_accuracy": {}, "images": fake_images()}
+        after = {"concept_score": 0.5 + rank / 16, "forgetting_score": 0.75 - rank / 32, "base_accuracy": {},
+                 "images": fake_images()}
+        train.print_toy_summary(SimpleNamespace(toy_concept="star"), before, after, out / f"r{rank}_a=r_lin_lr0.003")
     # Same grid again: nothing is retrained and every number comes out the same (validation is deterministic).
     result = la.sweep(SweepGrid(ranks=[2, 4], alphas=["rank"], rules=["r"], lrs=[3e-3]), train_args(world), out,
                       val_images=world["val"], timesteps=[200, 800])
     assert [r["status"] for r in result.rows] == ["reused", "reused"]
     assert [r["val_loss"] for r in result.rows] == [rows[r["name"]]["val_loss"] for r in result.rows]
+    assert [(r["concept_score"], r["forgetting_score"], r["concept_base"], r["forgetting_base"]) for r in result.rows] \
+        == [(0.625, 0.6875, 0.25, 0.75), (0.75, 0.625, 0.25, 0.75)]
+    base, *runs = result.summary
+    assert base["name"] == "base" and (base["concept_score"], base["forgetting_score"]) == (0.25, 0.75)
+    assert [r["concept_score"] for r in runs] == [0.625, 0.75]
+    assert "concept_score" in result.table() and "forgetting_score" in result.table()
+    written = [w.name for w in result.save(tmp_path)]
+    assert "sweep_toy_scores.png" in written and (tmp_path / "sweep_toy_scores.png").stat().st_size > 0
+    assert "concept_score" in (tmp_path / "sweep.csv").read_text().splitlines()[0]
+
+
+def fake_images() -> dict:
+    return {k: torch.zeros(2, 3, 8, 8) for k in ("concept", "base")}
+
+
+def test_toy_scores_reads_train_py_scores_and_rejects_other_files(tmp_path):
+    assert toy_scores(tmp_path) is None
+    (tmp_path / "scores.json").write_text(json.dumps({"base": {"concept_score": 0.1}, "trained": {}}))
+    with pytest.raises(ValueError, match="scores.json"):
+        toy_scores(tmp_path)
 
 
 def test_validation_loss_is_deterministic_and_sees_the_lora(world, tmp_path):
