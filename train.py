@@ -478,7 +478,8 @@ def toy_scores(cfg: TrainConfig, model, label: str) -> dict | None:
         return None
     from toy.evaluate import evaluate
     print(f"toy: sampling the {label} model for the scores ...")
-    return evaluate(model, cfg.toy_concept, seed=cfg.seed)
+    # 96 base prompts (8 per shape-colour pair) and 48 concept prompts: one image moves a score by 0.01 or 0.02
+    return evaluate(model, cfg.toy_concept, n_base=96, n_concept=48, n_world=8, seed=cfg.seed)
 
 
 def print_toy_summary(cfg: TrainConfig, before: dict, after: dict, out: Path) -> None:
