@@ -179,7 +179,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--rank", type=_ints, default=[4, 16], help="comma-separated ranks (default 4,16)")
     q.add_argument("--alpha", type=_alphas, default=["rank"], help="comma-separated alphas; 'rank' means alpha = r")
     q.add_argument("--rule", default="r", help="comma-separated scaling rules: r (alpha/r) and/or sqrt (alpha/sqrt(r))")
-    q.add_argument("--lr", type=_floats, default=[1e-4], help="comma-separated learning rates")
+    q.add_argument("--lr", type=_floats, default=None,
+                   help="comma-separated learning rates (default: train.py's --lr, or its recipe's)")
     q.add_argument("--seeds", type=_ints, default=None, help="comma-separated seeds (default: train.py's --seed)")
     q.add_argument("--out", default="runs/sweep", help="folder for the runs and the report (default runs/sweep)")
     q.add_argument("--val-images", default=None,

@@ -40,21 +40,22 @@ class SweepGrid:
     ranks: list[int] = field(default_factory=lambda: [4, 16])
     alphas: list[float | str] = field(default_factory=lambda: ["rank"])
     rules: list[str] = field(default_factory=lambda: ["r"])
-    lrs: list[float] = field(default_factory=lambda: [1e-4])
+    lrs: list[float] | None = None  # None: train.py's --lr (its recipe's, on the built-in toy) for every run
     seeds: list[int] | None = None  # None: train.py's --seed for every run
 
-    def points(self, default_seed: int) -> list[dict[str, Any]]:
+    def points(self, default_seed: int, default_lr: float = 1e-4) -> list[dict[str, Any]]:
         for rule in self.rules:
             if rule not in RULES:
                 raise ValueError(f"scaling rule {rule!r} is not one of {sorted(RULES)}")
         for a in self.alphas:
             if a != "rank" and (not isinstance(a, (int, float)) or a <= 0):
                 raise ValueError(f"alpha must be a positive number or 'rank', got {a!r}")
-        if any(r < 1 for r in self.ranks) or any(lr <= 0 for lr in self.lrs):
-            raise ValueError(f"ranks must be >= 1 and learning rates > 0, got {self.ranks}, {self.lrs}")
+        lrs = self.lrs or [default_lr]
+        if any(r < 1 for r in self.ranks) or any(lr <= 0 for lr in lrs):
+            raise ValueError(f"ranks must be >= 1 and learning rates > 0, got {self.ranks}, {lrs}")
         seeds = self.seeds or [default_seed]
         out = []
-        for rank, alpha, rule, lr, seed in itertools.product(self.ranks, self.alphas, self.rules, self.lrs, seeds):
+        for rank, alpha, rule, lr, seed in itertools.product(self.ranks, self.alphas, self.rules, lrs, seeds):
             rs = RULES[rule]
             a = float(rank) if alpha == "rank" else float(alpha)
             name = f"r{rank}_a{'=r' if alpha == 'rank' else f'{a:g}'}_{'sqrt' if rs else 'lin'}_lr{lr:g}"
@@ -88,7 +89,7 @@ def train_grid(grid: SweepGrid, train_args: Sequence[str], out: str | Path) -> t
     if not cfg.images:
         extra.append(f"--images={_toy_images(cfg, out)}")
     cache = cfg.cache or str(out / "cache")
-    points = grid.points(cfg.seed)
+    points = grid.points(cfg.seed, cfg.lr)
     for i, point in enumerate(points):
         argv = extra + _train_args(point, out, cache)
         want = parse_args(argv).to_dict()
