@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -30,6 +29,8 @@ from typing import Callable, Iterable
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from atomic import atomic_path
 
 MANIFEST = "manifest.json"
 FORMAT = "sd-latent-cache"
@@ -48,28 +49,15 @@ class CacheMismatchError(DataError):
 
 def write_json_atomic(path: Path, obj: object) -> None:
     """Write JSON to a temp file in the same folder and rename it over `path`: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
 
 
 def write_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Same habit as sd.checkpoint.write_state_dict (not imported: `sd` pulls in transformers, seconds of start-up
-    that a cache-only run does not need)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """A safetensors shard, written atomically."""
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict | None:

@@ -5,12 +5,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
+
+from atomic import atomic_path
 
 from .samplers import A1111_NAMES
 
@@ -76,14 +77,8 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None
     info = PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        image.save(f, format="PNG", pnginfo=info)
     return path
 
 

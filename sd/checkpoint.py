@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -10,6 +9,8 @@ from typing import Iterable, Mapping
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from atomic import atomic_path
 
 # Keys that original LDM files carry but that are not part of any network we build:
 # the DDPM buffers of LatentDiffusion (we recompute the schedule), its per-timestep logvar,
@@ -153,15 +154,9 @@ def write_state_dict(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix.lower() == ".safetensors":
             save_file(tensors, tmp, metadata=dict(metadata or {}))
         else:
             torch.save({"state_dict": tensors}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

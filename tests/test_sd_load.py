@@ -207,3 +207,21 @@ def test_lightning_callback_in_ckpt_is_tolerated(tmp_path):
         for name in names:
             sys.modules.pop(name, None)
     assert sd.load(path).version == "sd1"
+
+
+def test_atomic_writes_leave_the_old_file_on_error_and_give_normal_permissions(tmp_path):
+    import os
+
+    from atomic import atomic_path
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            open(tmp, "wb").write(b"half")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+    with atomic_path(target) as tmp:
+        open(tmp, "wb").write(b"new")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_bytes() == b"new" and (target.stat().st_mode & 0o777) == (0o666 & ~umask)

@@ -24,7 +24,6 @@ import json
 import math
 import shlex
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atomic import atomic_path
 from schedule import DDPMSchedule
 from sd.checkpoint import write_state_dict
 from sd.model import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
@@ -238,14 +238,8 @@ def original_state_dict(unet: UNetModel, vae: AutoencoderKL, text: ClipLTextEnco
 
 
 def _save_progress(path: Path, state: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class Trainer:
