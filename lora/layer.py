@@ -10,6 +10,10 @@ from torch import nn
 INITS = ("kaiming", "gaussian", "pissa")
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 class _LoRALayer(nn.Module):
     """What LoRALinear and LoRAConv share: the factors, the scale, merging, and the three inits.
 
@@ -136,8 +140,13 @@ class _LoRALayer(nn.Module):
         if self.merged or self.multiplier == 0.0:
             return y
         # The factors may be kept in float32 under a half-precision base; compute in theirs, add in y's.
-        h = self.lora_down(self.dropout(x).to(self.lora_down.weight.dtype))
-        return y + (self.multiplier * self.scale) * self.lora_up(h).to(y.dtype)
+        # Under autocast the matmuls run in the autocast dtype whatever x is, so casting x would only copy it.
+        x = self.dropout(x)
+        if not _autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)
+        h = self.lora_down(x)
+        # In place: y is the base layer's fresh output, which its backward does not need.
+        return y.add_(self.lora_up(h).to(y.dtype), alpha=self.multiplier * self.scale)
 
     def extra_repr(self) -> str:
         rule = "alpha/sqrt(r)" if self.rs else "alpha/r"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -154,6 +155,63 @@ def test_half_precision_base_with_float32_factors():
     randomize_lora(layer)
     y = layer(torch.randn(4, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and layer.lora_down.weight.dtype == torch.float32
+
+
+def _out_of_place(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's formula written without in-place ops, recursing through stacked LoRAs (add with alpha, as
+    forward's add_, so that the two round alike in half precision)."""
+    if not isinstance(layer, (lora.LoRALinear, lora.LoRAConv)):
+        return layer(x)
+    y = _out_of_place(layer.base, x)
+    if layer.merged or layer.multiplier == 0.0:
+        return y
+    h = layer.lora_down(x.to(layer.lora_down.weight.dtype))
+    return torch.add(y, layer.lora_up(h).to(y.dtype), alpha=layer.multiplier * layer.scale)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+@pytest.mark.parametrize("mode", ["fp32", "fp32-x-frozen", "bf16-base", "fp16-base", "autocast-bf16",
+                                  "checkpoint", "stacked", "merged"])
+def test_inplace_add_gives_the_out_of_place_gradients(kind, mode):
+    # forward() adds the LoRA branch into the base output in place; autograd must see the same graph as y + s·BAx.
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    base_dtype = {"bf16-base": torch.bfloat16, "fp16-base": torch.float16}.get(mode, torch.float32)
+    base = BASES[kind]().to(base_dtype).requires_grad_(False)
+    layer = lora.wrap(base, rank=4, alpha=3, multiplier=0.7, dtype=torch.float32)
+    if mode == "stacked":
+        layer = lora.wrap(layer, rank=2, alpha=2, multiplier=1.3, name="b", dtype=torch.float32)
+    randomize_lora(layer)
+    if mode == "merged":
+        layer.merge()
+    x0 = base_input(base).to(base_dtype)
+
+    def run(fn):
+        x = x0.clone().requires_grad_(mode != "fp32-x-frozen")
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast-bf16" else contextlib.nullcontext()
+        with ctx:
+            y = checkpoint(fn, x, use_reentrant=False) if mode == "checkpoint" else fn(x)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        params = [p for p in layer.parameters() if p.requires_grad]
+        grads = [p.grad.clone() if p.grad is not None else None for p in params]
+        for p in params:
+            p.grad = None
+        return y.detach(), x.grad, grads
+
+    got, want = run(layer), run(lambda x: _out_of_place(layer, x))
+    tol = dict(atol=1e-5, rtol=1e-5) if base_dtype == torch.float32 and mode != "autocast-bf16" else {}
+    torch.testing.assert_close(got[0], want[0], **tol)
+    if mode == "fp32-x-frozen":
+        assert got[1] is None and want[1] is None
+    else:
+        torch.testing.assert_close(got[1], want[1], **tol)
+    for g, w in zip(got[2], want[2]):
+        if mode == "merged":  # the update lives in W0: the factors are off the graph
+            assert g is None and w is None
+        else:
+            assert g is not None and g.abs().max() > 0
+            torch.testing.assert_close(g, w, **tol)
 
 
 def test_layer_rejects_bad_input():

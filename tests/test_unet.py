@@ -270,3 +270,70 @@ def test_latent_sides_that_do_not_halve_evenly_match_diffusers():
         got, want = ours(x, torch.tensor([500.0]), c), ref(x, torch.tensor([500.0]), encoder_hidden_states=c).sample
     assert got.shape == x.shape
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("kernel,batch,size", [(3, 1, (4, 4)), (3, 2, (2, 4)), (1, 2, (4, 2)), (3, 1, (3, 5))])
+def test_few_pixel_conv_as_matmul_equals_conv2d(kernel, batch, size):
+    """unet.model.Conv2d runs small-spatial CPU convs as unfold + matmul: same outputs and gradients as F.conv2d."""
+    from unet import model as unet_model
+
+    torch.manual_seed(0)
+    conv = unet_model.Conv2d(160, 24, kernel, padding=kernel // 2)
+    assert conv._matmul_ok and batch * size[0] * size[1] * 10 <= conv.in_channels  # the matmul path is taken
+    x0 = torch.randn(batch, 160, *size)
+
+    def run(fn, dtype=None):
+        x = x0.clone().requires_grad_(True)
+        ctx = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+        with ctx:
+            y = fn(x)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        grads = (x.grad, conv.weight.grad.clone(), conv.bias.grad.clone())
+        conv.zero_grad()
+        return (y.detach(),) + grads
+
+    reference = lambda x: nn.functional.conv2d(x, conv.weight, conv.bias, padding=kernel // 2)  # noqa: E731
+    for got, want in zip(run(conv), run(reference)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(run(conv, torch.bfloat16), run(reference, torch.bfloat16)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.03, atol=0.03)
+    strided = unet_model.Conv2d(160, 24, 3, stride=2, padding=1)
+    assert not strided._matmul_ok  # the downsampler keeps the library conv
+
+
+@pytest.mark.parametrize("stride,autocast", [(1, False), (2, False), (1, True)])
+def test_frozen_conv_keeps_no_input_and_gives_the_same_input_gradient(stride, autocast):
+    """A conv with a frozen weight (LoRA training) saves only its weight for backward; the gradient is unchanged."""
+    from unet import model as unet_model
+
+    torch.manual_seed(0)
+    conv = unet_model.Conv2d(8, 12, 3, stride=stride, padding=1).requires_grad_(False)
+    x0 = torch.randn(2, 8, 12, 10)
+
+    def run(fn):
+        x = x0.clone().requires_grad_(True)
+        saved = []
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)
+        with hooks, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(x)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        return y.detach(), x.grad, saved
+
+    y, g, saved = run(conv)
+    y_ref, g_ref, _ = run(lambda x: nn.functional.conv2d(x, conv.weight, conv.bias, stride, 1))
+    assert [t.shape for t in saved] == [conv.weight.shape]
+    assert y.dtype == y_ref.dtype and g.dtype == g_ref.dtype == torch.float32
+    tol = dict(rtol=0.02, atol=0.02) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.float(), y_ref.float(), **tol)
+    torch.testing.assert_close(g, g_ref, **tol)
+
+
+def test_conv_with_trainable_bias_still_gets_its_gradient():
+    from unet import model as unet_model
+
+    conv = unet_model.Conv2d(4, 6, 3, padding=1)
+    conv.weight.requires_grad_(False)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    conv(x).square().sum().backward()
+    assert conv.bias.grad is not None and conv.bias.grad.abs().max() > 0

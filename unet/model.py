@@ -24,12 +24,84 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm evaluated in float32 and cast back, so half-precision activations keep accurate statistics."""
+    """GroupNorm with float32 statistics, so half-precision activations keep accurate means and variances."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        if self.weight is not None and self.weight.dtype != x.dtype:  # e.g. float32 weights under autocast
+            w, b = self.weight.float(), self.bias.float()
+            return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        # PyTorch's CPU and CUDA kernels accumulate half/bfloat16 statistics in float32 already, so upcasting x
+        # first, as the original does, would only add two casts and a float32 copy kept for backward.
+        # (CUDA autocast runs group_norm in float32 whatever we do; .to() brings its output back, as before.)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class _FrozenConv2d(torch.autograd.Function):
+    """A conv whose weight gets no gradient (LoRA training): backward needs the weight only, not the input.
+
+    Autograd's conv keeps its input for a weight gradient whether or not one is wanted; for the UNet's frozen
+    convs that input (a full feature map per conv) is dead weight in memory. Same kernels, forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(weight)
+        ctx.conf = (x.shape, x.dtype, stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # autocast, if on, applies here
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        shape, dtype, stride, padding, dilation, groups = ctx.conf
+        grad_x = torch.nn.grad.conv2d_input(shape, weight.to(grad.dtype), grad, stride, padding, dilation, groups)
+        return grad_x.to(dtype), None, None, None, None, None, None
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same keys) with two shortcuts, both measured (bench/README.md):
+
+    - On CPU, a conv over few pixels runs as one matrix product of its unfolded input (im2col). oneDNN re-lays out
+      the whole weight at every call, forward and backward; when the weight dwarfs the activations (SD's
+      1280-2560-channel convs at 8x8 and below) that costs more than the product, which a plain matmul reads in
+      place. On a 2-core Zen 4 in bf16: 2.5-4x faster for 2560->1280 at 4x4-8x8, about 1.2x for 1280->1280 at
+      8x8, slower from 16x16 up; hence the rule below. Other devices keep the library conv.
+    - With a frozen weight, backward keeps the weight only (_FrozenConv2d), on every device.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (MATMUL_CONV and x.device.type == "cpu" and x.ndim == 4 and self._matmul_ok
+                and x.shape[0] * x.shape[2] * x.shape[3] * 10 <= self.in_channels):
+            return self._matmul_forward(x)  # a frozen weight makes the matmul keep nothing but the weight
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        if FROZEN_CONV and frozen and torch.is_grad_enabled() and x.requires_grad \
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                       self.groups)
+        return super().forward(x)
+
+    def _matmul_forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        k = self.kernel_size[0]
+        cols = F.unfold(x, k, padding=self.padding[0]) if k > 1 else x.flatten(2)  # (n, c·k·k, h·w)
+        # One product for the whole batch, so the weight is read once.
+        cols = cols[0] if n == 1 else cols.transpose(0, 1).flatten(1)             # (c·k·k, n·h·w)
+        weight = self.weight.flatten(1)
+        out = weight @ cols if self.bias is None else torch.addmm(self.bias[:, None], weight, cols)
+        return out.view(1, -1, h, w) if n == 1 else out.view(-1, n, h, w).transpose(0, 1).contiguous()
+
+    @property
+    def _matmul_ok(self) -> bool:
+        """Square odd kernel, 'same' zero padding, stride 1: the cases the unfold above reproduces exactly."""
+        k = self.kernel_size[0]
+        return (self.kernel_size == (k, k) and k % 2 == 1 and self.padding == (k // 2, k // 2)
+                and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
+                and self.padding_mode == "zeros")
+
+
+# Set False to always use the library conv (for A/B timing and memory).
+MATMUL_CONV = True
+FROZEN_CONV = True
 
 
 def norm(channels: int, eps: float = 1e-5) -> GroupNorm32:
@@ -41,13 +113,13 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
-        self.in_layers = nn.Sequential(norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(norm(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            norm(out_channels), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            norm(out_channels), nn.SiLU(), nn.Dropout(dropout), Conv2d(out_channels, out_channels, 3, padding=1)
         )
         self.skip_connection = (
-            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+            nn.Identity() if channels == out_channels else Conv2d(channels, out_channels, 1)
         )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -80,6 +152,29 @@ class CrossAttention(nn.Module):
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
+class _GatedGELU(torch.autograd.Function):
+    """value * gelu(gate) for (value | gate) = the projection's output, keeping only that output for backward.
+
+    Autograd would also keep gelu(gate), half as big again (4x the model width per token, in every transformer
+    block: a tenth of all saved activations); backward recomputes it with one elementwise op instead.
+    """
+
+    @staticmethod
+    def forward(ctx, projected: torch.Tensor) -> torch.Tensor:
+        value, gate = projected.chunk(2, dim=-1)
+        ctx.save_for_backward(projected)
+        return value * F.gelu(gate)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (projected,) = ctx.saved_tensors
+        value, gate = projected.chunk(2, dim=-1)
+        grad_value = grad * F.gelu(gate)
+        grad_gate = torch.ops.aten.gelu_backward(grad * value, gate)  # d gelu(gate) / d gate, times the incoming
+        return torch.cat([grad_value, grad_gate], dim=-1)
+
+
 class GEGLU(nn.Module):
     """Linear layer producing a value half and a gate half; returns value * gelu(gate)."""
 
@@ -88,7 +183,10 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
+        projected = self.proj(x)
+        if torch.is_grad_enabled() and projected.requires_grad:
+            return _GatedGELU.apply(projected)
+        value, gate = projected.chunk(2, dim=-1)
         return value * F.gelu(gate)
 
 
@@ -127,13 +225,13 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
         self.norm = norm(channels, eps=1e-6)
         # SD1 projects with 1x1 convs before flattening; SD2/SDXL with Linear layers after flattening.
-        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth)
         )
-        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+        self.proj_out = nn.Linear(inner, channels) if use_linear else Conv2d(inner, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
         height, width = x.shape[-2:]
         h = self.norm(x)
         if not self.use_linear:
@@ -142,7 +240,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = checkpoint(block, h, context, use_reentrant=False) if checkpointed else block(h, context)
         if self.use_linear:
             h = self.proj_out(h)
         h = rearrange(h, "b (y x) c -> b c y x", y=height, x=width)
@@ -154,7 +252,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -163,7 +261,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         # `size` is the next skip's: for latents that are not a multiple of 8 the downsampled side was
@@ -174,15 +272,20 @@ class Upsample(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """A Sequential that hands the time embedding to ResBlocks and the context to SpatialTransformers."""
+    """A Sequential that hands the time embedding to ResBlocks and the context to SpatialTransformers.
+
+    checkpointed: each ResBlock and each transformer block recomputes its activations in backward instead of
+    keeping them. The thin layers between them (the transformers' norm and 1x1 projections, the resamplers)
+    keep theirs: recomputing them would cost a conv each for little memory.
+    """
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
-                size: tuple[int, int] | None = None) -> torch.Tensor:
+                size: tuple[int, int] | None = None, checkpointed: bool = False) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = checkpoint(layer, x, emb, use_reentrant=False) if checkpointed else layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, checkpointed)
             elif isinstance(layer, Upsample):
                 x = layer(x, size)
             else:
@@ -211,7 +314,7 @@ class UNetModel(nn.Module):
                                       cfg.use_linear_in_transformer, cfg.dropout)
 
         # Encoder: remember each block's output width, since the decoder concatenates them back in.
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_chans, ch = [mc], mc
         for level, out_ch in enumerate(cfg.level_channels):
             for _ in range(cfg.num_res_blocks):
@@ -243,13 +346,11 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,
              context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training:
-            return checkpoint(block, h, emb, context, size, use_reentrant=False)
-        return block(h, emb, context, size)
+        return block(h, emb, context, size, checkpointed=self.gradient_checkpointing and self.training)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
