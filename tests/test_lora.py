@@ -15,28 +15,7 @@ from lora.names import kohya_name, unet_to_diffusers
 from text import ClipLConfig, ClipLTextEncoder, OpenClipConfig, OpenClipTextEncoder
 from unet import UNetConfig, UNetModel
 
-# Two res blocks per level, a level without attention and depth 2: exercises the block arithmetic.
-RICH = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(False, True, True),
-                  transformer_depth=(0, 2, 1), transformer_depth_middle=1, context_dim=48, num_heads=None,
-                  head_dim=32, use_linear_in_transformer=True)
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5 if p.ndim > 1
-                    else 1 + 0.1 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def randomize_lora(model: nn.Module, seed: int = 1, std: float = 0.2) -> None:
-    """Non-zero B (a zero B would make every comparison trivially pass)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora.lora_layers(model):
-            layer.lora_down.weight.copy_(torch.randn(layer.lora_down.weight.shape, generator=g) * std)
-            layer.lora_up.weight.copy_(torch.randn(layer.lora_up.weight.shape, generator=g) * std)
+from helpers import RICH, randomize, randomize_lora
 
 
 def unet_inputs(cfg: UNetConfig, seed: int = 1):

@@ -20,14 +20,7 @@ SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
                  steps_offset=1)
 SIZE = 16  # pixels; the tiny VAE downsamples by 2, so latents are 8x8
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run far faster single-threaded, especially when other processes share the CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,32 @@
+"""What several test files share: a UNet config that exercises the block arithmetic, and seeded random weights."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import lora
+from unet import UNetConfig
+
+# Two res blocks per level, a level without attention and depth 2: exercises the block numbering.
+RICH = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(False, True, True),
+                  transformer_depth=(0, 2, 1), transformer_depth_middle=1, context_dim=48, num_heads=None,
+                  head_dim=32, use_linear_in_transformer=True)
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded weights of a sensible scale (fan-in scaled matrices, norms near 1), in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5 if p.ndim > 1
+                    else 1 + 0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def randomize_lora(model: nn.Module, seed: int = 1, std: float = 0.2) -> None:
+    """Non-zero A and B in every LoRA layer: with B = 0, as initialised, every comparison would pass trivially."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model):
+            for p in (layer.lora_down.weight, layer.lora_up.weight):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
