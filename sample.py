@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale; 1 means no guidance (default: 7.5)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the first image; image i uses seed+i; -1 picks one at random (default: 0)")
-    p.add_argument("--size", default="512x512", metavar="WxH",
-                   help="image width x height in pixels, multiples of 8 (default: 512x512)")
+    p.add_argument("--size", default=None, metavar="WxH",
+                   help="image width x height in pixels, multiples of 8 (default: the model's own size: 1024x1024 "
+                        "for SDXL, 32x32 for the built-in toy, else 512x512)")
     p.add_argument("--batch", type=int, default=1,
                    help="number of images, with seeds seed .. seed+batch-1, run as one batch (default: 1)")
     p.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR",
@@ -126,7 +127,7 @@ def check_args(args: argparse.Namespace) -> tuple[int, int, list[LoraSpec], list
 
     if args.sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {args.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
-    width, height = parse_size(args.size)
+    width, height = parse_size(args.size) if args.size else (0, 0)  # 0: the model's own, once its version is known
     if args.steps < 1 or args.steps > 1000:
         raise InputError(f"--steps must be between 1 and 1000, got {args.steps}")
     if args.batch < 1:
@@ -174,10 +175,18 @@ def _name_loras(loras: list[LoraSpec]) -> None:
 
 # ------------------------------------------------------------------------------------------ preflight
 
-def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int) -> None:
+def default_size(version: str, ckpt: Path) -> int:
+    """The side the model was trained at: what --size defaults to."""
+    from training.config import is_builtin_toy
+    if is_builtin_toy(ckpt):
+        return 32
+    return 1024 if version == "sdxl" else 512
+
+
+def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int) -> tuple[int, int]:
     """Read only the checkpoint's header, build its UNet and text encoder on the meta device, and check the image
     size against the model and each LoRA against the model (a LoRA for another base fails here), all before any
-    weight is read."""
+    weight is read. Returns the image size (width, height), with the model's own for 0."""
     import lora
     import sd
     from sd.load import build_meta  # the same architecture inference sd.load uses, on the header only
@@ -188,6 +197,8 @@ def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int) -> Non
     except sd.CheckpointError as err:
         raise InputError(str(err)) from None
     unet, vae, text = models[UNET_PREFIX], models[VAE_PREFIX], models[text_prefix(version)]
+    if not width:
+        width = height = default_size(version, ckpt)
     multiple = vae.cfg.downsample_factor
     for name, v in (("width", width), ("height", height)):
         if v % multiple:
@@ -205,6 +216,7 @@ def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int) -> Non
         if family and family != version:
             print(f"warning: --lora {spec.path} says it was trained on {said}, but {ckpt.name} is {version}",
                   file=sys.stderr)
+    return width, height
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -223,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         width, height, loras, scales = check_args(args)
-        preflight(args.ckpt, loras, width, height)
+        width, height = preflight(args.ckpt, loras, width, height)
     except InputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 

@@ -166,3 +166,13 @@ def test_script_runs_standalone():
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--help"], capture_output=True, text=True,
                             cwd=ROOT / "tests", timeout=120)
     assert result.returncode == 0 and "--lora-scales" in result.stdout
+
+
+def test_size_defaults_to_the_models_own(files):
+    from training.config import TrainConfig
+    assert sample.default_size("sdxl", Path("sd_xl_base_1.0.safetensors")) == 1024
+    assert sample.default_size("sd1", Path("v1-5-pruned-emaonly.safetensors")) == 512
+    assert sample.default_size("sd1", Path(TrainConfig.ckpt)) == 32  # the built-in toy
+    # an explicit size is kept; no size means the model's own (512 for a file that is not the toy)
+    assert sample.preflight(Path(files["ckpt"]), [], 24, 16) == (24, 16)
+    assert sample.preflight(Path(files["ckpt"]), [], 0, 0) == (512, 512)
