@@ -179,11 +179,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
 
 def prepare_data(cfg: TrainConfig, out: Path, rank: int, world: int) -> Path:
     """Encode the images once (rank 0), reuse the cache afterwards. Returns the cache folder."""
-    images = cfg.images
-    if not images:
-        images = str(toy_images(cfg, out))
     cache = Path(cfg.cache) if cfg.cache else out / "cache"
-    if rank == 0:
+    if rank == 0:  # the toy's images too are written by rank 0 alone: ranks racing on one folder would collide
+        images = cfg.images or str(toy_images(cfg, out))
         report = encode_dataset(images, cache, cfg.ckpt, resolution=cfg.resolution, bucket=cfg.bucket,
                                 bucket_step=cfg.bucket_step if cfg.bucket else 8,
                                 flip=cfg.flip, prompt=cfg.prompt or None, repeats=cfg.repeats,
@@ -455,24 +453,20 @@ def uses_prior(cfg: TrainConfig) -> bool:
 
 def class_loader(cfg: TrainConfig, model, out: Path, rank: int, world: int) -> LatentLoader:
     """Prior preservation: a folder of captioned images (--class_images, or the toy's base world), or DreamBooth's
-    class images generated once from class_prompt by the frozen base. Encoded once and cached."""
-    if not cfg.class_prompt:
-        folder = Path(cfg.class_images) if cfg.class_images else toy_prior_images(cfg, out)
-        if rank == 0:
-            encode_dataset(folder, out / "class_cache", cfg.ckpt, resolution=cfg.resolution, seed=cfg.seed)
-        if world > 1:
-            dist.barrier()
-        return LatentLoader(out / "class_cache", batch_size=cfg.batch_size, seed=cfg.seed + 1)
-    folder = out / "class_images"
+    class images generated once from class_prompt by the frozen base. Encoded once (rank 0) and cached."""
     if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        have = len(list(folder.glob("*.png")))
-        for i in tqdm(range(have, cfg.num_class_images), desc="class images"):
-            img = generate(model, cfg.class_prompt, seed=cfg.seed + 10_000 + i, steps=cfg.validation_steps,
-                           cfg=cfg.validation_cfg, height=cfg.resolution, width=cfg.resolution, progress=False)
-            to_pil(img)[0].save(folder / f"class_{i:05d}.png")
-        encode_dataset(folder, out / "class_cache", cfg.ckpt, resolution=cfg.resolution, prompt=cfg.class_prompt,
-                       seed=cfg.seed)
+        if cfg.class_prompt:
+            folder = out / "class_images"
+            folder.mkdir(parents=True, exist_ok=True)
+            have = len(list(folder.glob("*.png")))
+            for i in tqdm(range(have, cfg.num_class_images), desc="class images"):
+                img = generate(model, cfg.class_prompt, seed=cfg.seed + 10_000 + i, steps=cfg.validation_steps,
+                               cfg=cfg.validation_cfg, height=cfg.resolution, width=cfg.resolution, progress=False)
+                save_png(to_pil(img)[0], folder / f"class_{i:05d}.png")  # atomic: a resumed count never sees half a file
+        else:
+            folder = Path(cfg.class_images) if cfg.class_images else toy_prior_images(cfg, out)
+        encode_dataset(folder, out / "class_cache", cfg.ckpt, resolution=cfg.resolution,
+                       prompt=cfg.class_prompt or None, seed=cfg.seed)
     if world > 1:
         dist.barrier()
     return LatentLoader(out / "class_cache", batch_size=cfg.batch_size, seed=cfg.seed + 1)
