@@ -144,8 +144,8 @@ def compiled(module, inference: bool):
     """torch.compile; for inference also freezing, which folds the frozen weights into the graph as constants
     (on CPU they are then pre-packed once for oneDNN instead of reordered at every call)."""
     if inference:
-        import torch._inductor.config
-        torch._inductor.config.freezing = True
+        from torch._inductor import config as inductor_config
+        inductor_config.freezing = True
     return torch.compile(module)
 
 

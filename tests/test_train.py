@@ -14,6 +14,7 @@ import sd
 import train
 from sd.checkpoint import write_state_dict
 from sd.tiny import tiny_state_dict
+from training.optim import AdamW
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,7 @@ def test_full_mode_writes_a_checkpoint_whose_untouched_tensors_equal_the_base(wo
 
 def test_optimizer_step_counts_fp16_overflow_skips():
     p = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.AdamW([p], lr=0.1)
+    opt = AdamW([dict(params=[p], lr=0.1)])  # ours, not a torch.optim.Optimizer: GradScaler works with it too
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     scaler.scale((p * torch.tensor([1.0, float("inf"), 1.0])).sum()).backward()
     norm, skipped = train.optimizer_step(opt, scaler, [p], 1.0)

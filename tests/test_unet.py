@@ -272,14 +272,16 @@ def test_latent_sides_that_do_not_halve_evenly_match_diffusers():
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
-@pytest.mark.parametrize("kernel,batch,size", [(3, 1, (4, 4)), (3, 2, (2, 4)), (1, 2, (4, 2)), (3, 1, (3, 5))])
+@pytest.mark.parametrize("kernel,batch,size", [(3, 1, (4, 4)), (3, 2, (2, 4)), (1, 2, (4, 2)), (3, 1, (3, 5)),
+                                               (1, 1, (16, 12)), (1, 3, (16, 12))])
 def test_few_pixel_conv_as_matmul_equals_conv2d(kernel, batch, size):
-    """unet.model.Conv2d runs small-spatial CPU convs as unfold + matmul: same outputs and gradients as F.conv2d."""
+    """unet.model.Conv2d runs small-spatial CPU convs (and every 1x1 conv) as unfold + matmul: same outputs and
+    gradients as F.conv2d."""
     from unet import model as unet_model
 
     torch.manual_seed(0)
     conv = unet_model.Conv2d(160, 24, kernel, padding=kernel // 2)
-    assert conv._matmul_ok and batch * size[0] * size[1] * 10 <= conv.in_channels  # the matmul path is taken
+    assert conv._matmul_ok and (kernel == 1 or batch * size[0] * size[1] * 10 <= conv.in_channels)  # matmul path
     x0 = torch.randn(batch, 160, *size)
 
     def run(fn, dtype=None):
