@@ -86,9 +86,6 @@ class Conv2d(nn.Conv2d):
         n, _, h, w = x.shape
         k = self.kernel_size[0]
         weight = self.weight.flatten(1)
-        if k == 1 and n > 1:  # batched product, no layout copies; the weight is small enough to read n times
-            out = torch.matmul(weight, x.flatten(2))
-            return (out if self.bias is None else out.add_(self.bias[:, None])).view(n, -1, h, w)
         cols = F.unfold(x, k, padding=self.padding[0]) if k > 1 else x.flatten(2)  # (n, c·k·k, h·w)
         # One product for the whole batch, so the weight is read once.
         cols = cols[0] if n == 1 else cols.transpose(0, 1).flatten(1)             # (c·k·k, n·h·w)
