@@ -304,6 +304,37 @@ def test_few_pixel_conv_as_matmul_equals_conv2d(kernel, batch, size):
     assert not strided._matmul_ok  # the downsampler keeps the library conv
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_sd1_projections_per_token_equal_the_1x1_convs(monkeypatch, wrapped):
+    """SD1's proj_in/proj_out 1x1 convs run as per-token linear maps (no layout copies): same outputs and input
+    gradients as the convs; with a LoRA wrapper on them, the wrapper's own path runs and its update counts."""
+    import lora
+    from tests.helpers import RICH, randomize, randomize_lora
+    from unet import model as unet_model
+
+    cfg = dataclasses.replace(RICH, use_linear_in_transformer=False)
+    unet = randomize(UNetModel(cfg))
+    if wrapped:
+        assert len(lora.inject(unet, 2, 2, ["*.proj_in", "*.proj_out"])) == 22  # 11 transformers
+        randomize_lora(unet)
+    x0, c = torch.randn(2, 4, 8, 8), torch.randn(2, 5, cfg.context_dim)
+
+    def run(pointwise: bool):
+        monkeypatch.setattr(unet_model, "POINTWISE_PROJ", pointwise)
+        x = x0.clone().requires_grad_(True)
+        y = unet(x, torch.tensor([10, 700]), c)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), x.grad
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if wrapped:
+        with_lora = run(True)[0]
+        for layer in lora.lora_layers(unet):
+            layer.multiplier = 0.0
+        assert not torch.allclose(run(True)[0], with_lora)  # the LoRA on proj_in/proj_out was applied
+
+
 @pytest.mark.parametrize("stride,autocast", [(1, False), (2, False), (1, True)])
 def test_frozen_conv_keeps_no_input_and_gives_the_same_input_gradient(stride, autocast):
     """A conv with a frozen weight (LoRA training) saves only its weight for backward; the gradient is unchanged."""

@@ -101,9 +101,11 @@ class Conv2d(nn.Conv2d):
                 and self.padding_mode == "zeros")
 
 
-# Set False to always use the library conv (for A/B timing and memory).
+# Set False to always use the library conv (for A/B timing and memory); POINTWISE_PROJ: SD1's transformer
+# projections as per-token linear maps (SpatialTransformer.forward).
 MATMUL_CONV = True
 FROZEN_CONV = True
+POINTWISE_PROJ = True
 
 
 def norm(channels: int, eps: float = 1e-5) -> GroupNorm32:
@@ -236,17 +238,25 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
         height, width = x.shape[-2:]
         h = self.norm(x)
-        if not self.use_linear:
+        # SD1's 1x1 convs are linear maps over channels. As long as they are plain convs (no LoRA wrapper), apply
+        # them as that, per token: the layout change then comes free with the product instead of costing a copy
+        # of the feature map on each side (bench/README.md). A wrapped conv gets the feature map it expects.
+        pointwise = POINTWISE_PROJ and not self.use_linear and isinstance(self.proj_in, nn.Conv2d) and isinstance(self.proj_out, nn.Conv2d)
+        if not (self.use_linear or pointwise):
             h = self.proj_in(h)
         h = rearrange(h, "b c y x -> b (y x) c")
         if self.use_linear:
             h = self.proj_in(h)
+        elif pointwise:
+            h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)
         for block in self.transformer_blocks:
             h = checkpoint(block, h, context, use_reentrant=False) if checkpointed else block(h, context)
         if self.use_linear:
             h = self.proj_out(h)
+        elif pointwise:
+            h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
         h = rearrange(h, "b (y x) c -> b c y x", y=height, x=width)
-        if not self.use_linear:
+        if not (self.use_linear or pointwise):
             h = self.proj_out(h)
         return x + h
 
