@@ -241,14 +241,18 @@ class SpatialTransformer(nn.Module):
         # SD1's 1x1 convs are linear maps over channels. As long as they are plain convs (no LoRA wrapper), apply
         # them as that, per token: the layout change then comes free with the product instead of costing a copy
         # of the feature map on each side (bench/README.md). A wrapped conv gets the feature map it expects.
-        pointwise = POINTWISE_PROJ and not self.use_linear and isinstance(self.proj_in, nn.Conv2d) and isinstance(self.proj_out, nn.Conv2d)
+        pointwise = (POINTWISE_PROJ and not self.use_linear
+                     and isinstance(self.proj_in, nn.Conv2d) and isinstance(self.proj_out, nn.Conv2d))
         if not (self.use_linear or pointwise):
             h = self.proj_in(h)
         h = rearrange(h, "b c y x -> b (y x) c")
         if self.use_linear:
             h = self.proj_in(h)
         elif pointwise:
-            h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)
+            # As one 2-D product: with a batch the token view is strided across samples, and a batched product
+            # would copy the weight for each sample (measured slower); reshape copies the activations once instead.
+            h = F.linear(h.reshape(-1, h.shape[-1]), self.proj_in.weight.flatten(1), self.proj_in.bias)
+            h = h.view(x.shape[0], -1, h.shape[-1])
         for block in self.transformer_blocks:
             h = checkpoint(block, h, context, use_reentrant=False) if checkpointed else block(h, context)
         if self.use_linear:
