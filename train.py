@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import lora
 import sd
+from atomic import write_text
 from data import CacheMismatchError, LatentLoader, encode_dataset
 from sampling import generate, grid, save_png, to_pil
 from training.config import TrainConfig, is_builtin_toy, parse_args
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = prepare_data(cfg, out, rank, world)
     loader = LatentLoader(cache, batch_size=cfg.batch_size, seed=cfg.seed, flip=cfg.flip or None)
     if master:
-        (out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))  # JSON is valid YAML
+        write_text(out / "config.yaml", json.dumps(cfg.to_dict(), indent=2))  # JSON is valid YAML
 
     # --- model: LoRA keeps the frozen base in the low precision; full training keeps fp32 master weights
     weight_dtype = DTYPES[precision] if cfg.mode == "lora" else torch.float32
@@ -491,10 +492,10 @@ def print_toy_summary(cfg: TrainConfig, before: dict, after: dict, out: Path) ->
     lines += [f"{name:18}{before[key]:8.2f}{after[key]:9.2f}   {what}" for name, what, key in rows]
     text = "\n".join(lines)
     print(text)
-    (out / "scores.txt").write_text(text + "\n")
-    (out / "scores.json").write_text(json.dumps({k: {key: r[key] for key in ("concept_score", "forgetting_score",
-                                                  "base_accuracy")} for k, r in (("base", before), ("trained", after))},
-                                                indent=2))
+    write_text(out / "scores.txt", text + "\n")
+    keys = ("concept_score", "forgetting_score", "base_accuracy")
+    write_text(out / "scores.json",
+               json.dumps({k: {key: r[key] for key in keys} for k, r in (("base", before), ("trained", after))}, indent=2))
     n = 8
     grid = torch.cat([before["images"]["concept"][:n], after["images"]["concept"][:n],
                    before["images"]["base"][:n], after["images"]["base"][:n]])

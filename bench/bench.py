@@ -30,9 +30,11 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import estimate  # noqa: E402
+from atomic import write_text  # noqa: E402
 from make_checkpoint import ensure_checkpoint  # noqa: E402
 from matmul_peak import matmul_peak  # noqa: E402
 
@@ -280,7 +282,7 @@ def main() -> None:
     print(gpu_expectation(args.gpu_res))
     print(f"\nload average now {os.getloadavg()[0]:.2f}; total {time.perf_counter() - t0:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({
+        write_text(args.json, json.dumps({
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "device": args.device, "matmul_peak": peaks,

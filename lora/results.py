@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from atomic import atomic_path, write_text
+
 
 @dataclass
 class Result:
@@ -29,7 +31,7 @@ class Result:
         written = [write_csv(folder / f"{self.name}.csv", self.rows)]
         payload = {"analysis": self.name, "notes": self.notes, "summary": self.summary, "rows": self.rows, **self.data}
         path = folder / f"{self.name}.json"
-        path.write_text(json.dumps(_jsonable(payload), indent=1))
+        write_text(path, json.dumps(_jsonable(payload), indent=1))
         written.append(path)
         if plots:
             for filename, draw in self.figures.items():
@@ -58,7 +60,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:

@@ -225,3 +225,11 @@ def test_atomic_writes_leave_the_old_file_on_error_and_give_normal_permissions(t
     umask = os.umask(0)
     os.umask(umask)
     assert target.read_bytes() == b"new" and (target.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_atomic_write_text_replaces_the_file_and_leaves_no_temp(tmp_path):
+    from atomic import write_text
+    target = tmp_path / "scores.json"
+    target.write_text("old")
+    assert write_text(target, '{"a": 1}\n') == target
+    assert target.read_text() == '{"a": 1}\n' and list(tmp_path.iterdir()) == [target]
