@@ -1,0 +1,381 @@
+// Flash-style attention (forward and backward) for bfloat16 on x86 CPUs with AVX-512 BF16, for the UNet's shapes.
+//
+// Why it exists: PyTorch's CPU flash attention reaches about a third of this CPU's bf16 matmul peak for SD's head
+// sizes (40, 80, 160), because its blocks go through a general GEMM whose inner dimension is the head size.
+// Here every product runs through one register-blocked kernel built on vdpbf16ps (two bf16 products summed into
+// an fp32 lane), with the operands packed once per head. bench/README.md has the measurements.
+//
+// The math is the usual one (scale = 1/sqrt(d)):
+//   forward:  S = scale·Q·Kᵀ,  P = softmax(S) computed block by block with a running max m and sum l,
+//             O = P·V,  lse = m + log(l) kept for backward
+//   backward: P = exp(scale·Q·Kᵀ − lse),  dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = P ∘ (dP − rowsum(dO ∘ O)),
+//             dQ = scale·dS·K,  dK = scale·dSᵀ·Q
+// Products take bf16 operands and accumulate in fp32; P and dS are rounded to bf16 before their products, as
+// PyTorch's flash kernels do.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using bf16 = uint16_t;
+constexpr int kLanes = 16;   // fp32 lanes in a zmm register
+constexpr int kBlockQ = 64;  // queries per block (even: backward pairs up query rows)
+constexpr int kBlockK = 128; // keys per block (a multiple of kLanes)
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+
+// C[r, 16n + l] (+)= Σ_p  A[r·lda + p·pstride + {0,1}] · B[n·bstride + 16p + l][{0,1}]
+// A holds bf16 pairs along the summed dimension (pstride apart); B is packed as 32-bit pairs, 16 output
+// columns per group. R·N accumulators stay in registers for the whole sum.
+template <int R, int N, bool Acc>
+inline void micro(const bf16* A, int64_t lda, int64_t pstride, const uint32_t* B, int64_t bstride, int64_t pairs,
+                  float* C, int64_t ldc) {
+  // The unroll pragmas let GCC keep acc in registers; without them it shuttles acc through the stack around the
+  // loop, which costs a third of the speed at the UNet's short sums (20 pairs for head size 40).
+  __m512 acc[R][N];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int n = 0; n < N; ++n)
+      acc[r][n] = Acc ? _mm512_loadu_ps(C + r * ldc + n * kLanes) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh b[N];
+#pragma GCC unroll 4
+    for (int n = 0; n < N; ++n) b[n] = as_bh(_mm512_loadu_si512(B + n * bstride + p * kLanes));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, A + r * lda + p * pstride, sizeof(pair));
+      const __m512bh a = as_bh(_mm512_set1_epi32(pair));
+#pragma GCC unroll 4
+      for (int n = 0; n < N; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], a, b[n]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int n = 0; n < N; ++n) _mm512_storeu_ps(C + r * ldc + n * kLanes, acc[r][n]);
+}
+
+template <int N, bool Acc>
+inline void micro_rows(int rows, const bf16* A, int64_t lda, int64_t pstride, const uint32_t* B, int64_t bstride,
+                       int64_t pairs, float* C, int64_t ldc) {
+  switch (rows) {
+    case 1: micro<1, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
+    case 2: micro<2, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
+    case 3: micro<3, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
+    case 4: micro<4, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
+    case 5: micro<5, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
+    case 6: micro<6, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
+    case 7: micro<7, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
+    default: micro<8, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
+  }
+}
+
+// C[rows × 16·groups] (+)= A · B over `pairs` pairs, tiled into register blocks of (≤ 8 or 6 rows) × (≤ 4 groups).
+template <bool Acc>
+void gemm(int64_t rows, int64_t groups, const bf16* A, int64_t lda, int64_t pstride, const uint32_t* B,
+          int64_t bstride, int64_t pairs, float* C, int64_t ldc) {
+  for (int64_t g = 0; g < groups;) {
+    const int n = static_cast<int>(std::min<int64_t>(4, groups - g));
+    const int rmax = n == 4 ? 6 : 8;  // 24 accumulators + n operands + 1 broadcast fit in 32 registers
+    for (int64_t r = 0; r < rows; r += rmax) {
+      const int rr = static_cast<int>(std::min<int64_t>(rmax, rows - r));
+      const bf16* a = A + r * lda;
+      const uint32_t* b = B + g * bstride;
+      float* c = C + r * ldc + g * kLanes;
+      switch (n) {
+        case 1: micro_rows<1, Acc>(rr, a, lda, pstride, b, bstride, pairs, c, ldc); break;
+        case 2: micro_rows<2, Acc>(rr, a, lda, pstride, b, bstride, pairs, c, ldc); break;
+        case 3: micro_rows<3, Acc>(rr, a, lda, pstride, b, bstride, pairs, c, ldc); break;
+        default: micro_rows<4, Acc>(rr, a, lda, pstride, b, bstride, pairs, c, ldc); break;
+      }
+    }
+    g += n;
+  }
+}
+
+inline uint32_t pair_of(bf16 lo, bf16 hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); }
+
+// X [n rows × d] (row stride ld) as the right operand of X·Zᵀ products (rows become output columns):
+// out[g][p][l] = (X[16g+l, 2p], X[16g+l, 2p+1]), rows past n are zero. Size: round_up(n,16) · d/2.
+void pack_rows(const bf16* X, int64_t n, int64_t d, int64_t ld, uint32_t* out) {
+  const int64_t groups = round_up(n, kLanes) / kLanes, pairs = d / 2;
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const int64_t row = g * kLanes + l;
+      uint32_t* dst = out + g * pairs * kLanes + l;
+      if (row < n) {
+        const bf16* src = X + row * ld;
+        for (int64_t p = 0; p < pairs; ++p) dst[p * kLanes] = pair_of(src[2 * p], src[2 * p + 1]);
+      } else {
+        for (int64_t p = 0; p < pairs; ++p) dst[p * kLanes] = 0;
+      }
+    }
+}
+
+// X [n rows × d] (row stride ld) as the right operand of Z·X products (rows are summed over):
+// out[g][p][l] = (X[2p, 16g+l], X[2p+1, 16g+l]) with p < npad/2, zero past n rows or d columns.
+void pack_cols(const bf16* X, int64_t n, int64_t d, int64_t ld, int64_t npad, uint32_t* out) {
+  const int64_t groups = round_up(d, kLanes) / kLanes, pairs = npad / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const bf16* r0 = 2 * p < n ? X + 2 * p * ld : nullptr;
+    const bf16* r1 = 2 * p + 1 < n ? X + (2 * p + 1) * ld : nullptr;
+    for (int64_t c = 0; c < groups * kLanes; ++c) {
+      const bf16 lo = (r0 && c < d) ? r0[c] : 0, hi = (r1 && c < d) ? r1[c] : 0;
+      out[(c / kLanes) * pairs * kLanes + p * kLanes + (c % kLanes)] = pair_of(lo, hi);
+    }
+  }
+}
+
+// exp(x) for x ≤ 0 (and −inf), as 2^(x·log2 e) split into an integer power and a degree-6 polynomial.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);  // in [-0.5, 0.5]
+  __m512 p = _mm512_set1_ps(1.5353362e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
+// Round fp32 rows r and r+1 (r+1 may be absent: zeros) to bf16 and interleave them: out[c] = (row0[c], row1[c]).
+inline void interleave_rows(const float* row0, const float* row1, int64_t cols, uint32_t* out) {
+  for (int64_t c = 0; c < cols; c += kLanes) {
+    const __m512i lo = _mm512_cvtepu16_epi32(to_bf16(_mm512_loadu_ps(row0 + c)));
+    const __m512i hi = row1 ? _mm512_cvtepu16_epi32(to_bf16(_mm512_loadu_ps(row1 + c))) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
+
+inline void store_bf16_row(const float* src, int64_t n, float mul, bf16* dst) {
+  int64_t c = 0;
+  const __m512 m = _mm512_set1_ps(mul);
+  for (; c + kLanes <= n; c += kLanes)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(src + c), m)));
+  if (c < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - c)) - 1);
+    _mm256_mask_storeu_epi16(dst + c, k, to_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, src + c), m)));
+  }
+}
+
+struct Layout {  // a [B, H, L, D] tensor with unit stride along D
+  const bf16* data;
+  int64_t sb, sh, sl;
+  const bf16* at(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+};
+
+Layout layout_of(const at::Tensor& t) {
+  return {reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4 && t.stride(3) == 1,
+              name, ": expected a CPU bfloat16 [B, H, L, D] tensor with unit stride along D");
+}
+
+// Output tensors are laid out [B, L, H, D] and returned as [B, H, L, D] views, so that merging the heads
+// afterwards ("b h n d -> b n (h d)") is free.
+at::Tensor heads_last_like(int64_t B, int64_t H, int64_t L, int64_t D) {
+  return at::empty({B, L, H, D}, at::TensorOptions().dtype(at::kBFloat16)).permute({0, 2, 1, 3});
+}
+
+bf16* mutable_bf16(at::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>()); }
+
+}  // namespace
+
+std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  check(q, "q"); check(k, "k"); check(v, "v");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
+  TORCH_CHECK(D % 2 == 0 && k.size(3) == D && v.size(3) == D && v.size(2) == Lk && k.size(0) == B &&
+              v.size(0) == B && k.size(1) == H && v.size(1) == H, "attention: mismatched q/k/v shapes");
+  const int64_t Lkp = round_up(Lk, kLanes), Dp = round_up(D, kLanes);
+  const Layout Q = layout_of(q), K = layout_of(k), V = layout_of(v);
+  at::Tensor out = heads_last_like(B, H, Lq, D);
+  at::Tensor lse = at::empty({B, H, Lq}, at::TensorOptions().dtype(at::kFloat));
+  bf16* O = mutable_bf16(out);
+  float* LSE = lse.data_ptr<float>();
+  const int64_t so_b = out.stride(0), so_h = out.stride(1), so_l = out.stride(2);
+
+  // Pack K (for S = Q·Kᵀ) and V (for O = P·V) once per head.
+  const int64_t kpack = Lkp * D / 2, vpack = Lkp / 2 * Dp;
+  std::vector<uint32_t> packed(static_cast<size_t>(B * H * (kpack + vpack)));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      uint32_t* base = packed.data() + bh * (kpack + vpack);
+      pack_rows(K.at(b, h), Lk, D, K.sl, base);
+      pack_cols(V.at(b, h), Lk, D, V.sl, Lkp, base + kpack);
+    }
+  });
+
+  const int64_t qblocks = (Lq + kBlockQ - 1) / kBlockQ;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * H * qblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(kBlockQ * kBlockK), acc(kBlockQ * Dp), m(kBlockQ), l(kBlockQ);
+    std::vector<bf16> P(kBlockQ * kBlockK);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / qblocks, i0 = (task % qblocks) * kBlockQ, b = bh / H, h = bh % H;
+      const int64_t bq = std::min<int64_t>(kBlockQ, Lq - i0);
+      const uint32_t* Kp = packed.data() + bh * (kpack + vpack);
+      const uint32_t* Vp = Kp + kpack;
+      const bf16* q_rows = Q.at(b, h) + i0 * Q.sl;
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j0 = 0; j0 < Lkp; j0 += kBlockK) {
+        const int64_t bk = std::min<int64_t>(kBlockK, Lkp - j0), valid = std::min<int64_t>(bk, Lk - j0);
+        gemm<false>(bq, bk / kLanes, q_rows, Q.sl, 2, Kp + j0 * D / 2, D / 2 * kLanes, D / 2, S.data(), kBlockK);
+        for (int64_t r = 0; r < bq; ++r) {
+          float* s = S.data() + r * kBlockK;
+          for (int64_t c = valid; c < bk; ++c) s[c] = -std::numeric_limits<float>::infinity();
+          __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+          for (int64_t c = 0; c < bk; c += kLanes) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + c));
+          const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx) * sc);
+          const __m512 vsc = _mm512_set1_ps(sc), shift = _mm512_set1_ps(m_new);
+          __m512 sum = _mm512_setzero_ps();
+          for (int64_t c = 0; c < bk; c += kLanes) {
+            const __m512 p = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), vsc, shift));
+            sum = _mm512_add_ps(sum, p);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(P.data() + r * kBlockK + c), to_bf16(p));
+          }
+          const float alpha = std::exp(m[r] - m_new);
+          l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
+          m[r] = m_new;
+          if (alpha != 1.0f) {
+            const __m512 a = _mm512_set1_ps(alpha);
+            for (int64_t c = 0; c < Dp; c += kLanes)
+              _mm512_storeu_ps(acc.data() + r * Dp + c, _mm512_mul_ps(_mm512_loadu_ps(acc.data() + r * Dp + c), a));
+          }
+        }
+        gemm<true>(bq, Dp / kLanes, P.data(), kBlockK, 2, Vp + j0 / 2 * kLanes, Lkp / 2 * kLanes, bk / 2,
+                   acc.data(), Dp);
+      }
+      for (int64_t r = 0; r < bq; ++r) {
+        store_bf16_row(acc.data() + r * Dp, D, 1.0f / l[r], O + b * so_b + h * so_h + (i0 + r) * so_l);
+        LSE[bh * Lq + i0 + r] = m[r] + std::log(l[r]);
+      }
+    }
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& o, const at::Tensor& lse_t, const at::Tensor& dout,
+                                           double scale) {
+  check(q, "q"); check(k, "k"); check(v, "v"); check(o, "out"); check(dout, "grad_out");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
+  const int64_t Lkp = round_up(Lk, kLanes), Lqp = round_up(Lq, 2), Dp = round_up(D, kLanes);
+  const Layout Q = layout_of(q), K = layout_of(k), V = layout_of(v), O = layout_of(o), dO = layout_of(dout);
+  const at::Tensor lse_c = lse_t.contiguous();
+  const float* LSE = lse_c.data_ptr<float>();
+  at::Tensor dq = heads_last_like(B, H, Lq, D), dk = heads_last_like(B, H, Lk, D), dv = heads_last_like(B, H, Lk, D);
+  bf16 *dQ = mutable_bf16(dq), *dK = mutable_bf16(dk), *dV = mutable_bf16(dv);
+  const float sc = static_cast<float>(scale);
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    // Per head: K and V for the X·Zᵀ products (S, dP), K, Q and dO for the summing products (dQ, dK, dV).
+    std::vector<uint32_t> Kr(Lkp * D / 2), Vr(Lkp * D / 2), Kc(Lkp / 2 * Dp), Qc(Lqp / 2 * Dp), dOc(Lqp / 2 * Dp);
+    std::vector<float> rowdot(Lq), dq_acc(Lq * Dp), dk_acc(kBlockK * Dp), dv_acc(kBlockK * Dp);
+    std::vector<float> S(kBlockQ * kBlockK), dP(kBlockQ * kBlockK);
+    std::vector<uint32_t> Ppairs(kBlockQ / 2 * kBlockK), dSpairs(kBlockQ / 2 * kBlockK);
+    std::vector<bf16> dS(kBlockQ * kBlockK);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const bf16 *q_h = Q.at(b, h), *do_h = dO.at(b, h), *o_h = O.at(b, h);
+      pack_rows(K.at(b, h), Lk, D, K.sl, Kr.data());
+      pack_rows(V.at(b, h), Lk, D, V.sl, Vr.data());
+      pack_cols(K.at(b, h), Lk, D, K.sl, Lkp, Kc.data());
+      pack_cols(q_h, Lq, D, Q.sl, Lqp, Qc.data());
+      pack_cols(do_h, Lq, D, dO.sl, Lqp, dOc.data());
+      for (int64_t i = 0; i < Lq; ++i) {  // rowsum(dO ∘ O), the softmax's correction term
+        float s = 0.0f;
+        for (int64_t c = 0; c < D; ++c) {
+          float a, z;
+          const uint32_t ua = static_cast<uint32_t>(do_h[i * dO.sl + c]) << 16, uz = static_cast<uint32_t>(o_h[i * O.sl + c]) << 16;
+          std::memcpy(&a, &ua, 4); std::memcpy(&z, &uz, 4);
+          s += a * z;
+        }
+        rowdot[i] = s;
+      }
+      std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+      const float* lse_h = LSE + bh * Lq;
+
+      for (int64_t j0 = 0; j0 < Lkp; j0 += kBlockK) {
+        const int64_t bk = std::min<int64_t>(kBlockK, Lkp - j0), valid = std::min<int64_t>(bk, Lk - j0);
+        std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+        std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+        for (int64_t i0 = 0; i0 < Lq; i0 += kBlockQ) {
+          const int64_t bq = std::min<int64_t>(kBlockQ, Lq - i0), bq2 = round_up(bq, 2);
+          // P = exp(scale·Q·Kᵀ − lse)
+          gemm<false>(bq, bk / kLanes, q_h + i0 * Q.sl, Q.sl, 2, Kr.data() + j0 * D / 2, D / 2 * kLanes, D / 2,
+                      S.data(), kBlockK);
+          const __m512 vsc = _mm512_set1_ps(sc);
+          for (int64_t r = 0; r < bq; ++r) {
+            float* s = S.data() + r * kBlockK;
+            const __m512 shift = _mm512_set1_ps(lse_h[i0 + r]);
+            for (int64_t c = 0; c < bk; c += kLanes)
+              _mm512_storeu_ps(s + c, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), vsc, shift)));
+            for (int64_t c = valid; c < bk; ++c) s[c] = 0.0f;
+          }
+          // dV += Pᵀ·dO: the rows of P pair up along the queries summed over.
+          for (int64_t r = 0; r < bq; r += 2)
+            interleave_rows(S.data() + r * kBlockK, r + 1 < bq ? S.data() + (r + 1) * kBlockK : nullptr, bk,
+                            Ppairs.data() + r / 2 * kBlockK);
+          gemm<true>(bk, Dp / kLanes, reinterpret_cast<const bf16*>(Ppairs.data()), 2, 2 * kBlockK,
+                     dOc.data() + i0 / 2 * kLanes, Lqp / 2 * kLanes, bq2 / 2, dv_acc.data(), Dp);
+          // dP = dO·Vᵀ, then dS = P ∘ (dP − rowdot)
+          gemm<false>(bq, bk / kLanes, do_h + i0 * dO.sl, dO.sl, 2, Vr.data() + j0 * D / 2, D / 2 * kLanes, D / 2,
+                      dP.data(), kBlockK);
+          for (int64_t r = 0; r < bq; ++r) {
+            float* s = S.data() + r * kBlockK;
+            const float* dp = dP.data() + r * kBlockK;
+            const __m512 rd = _mm512_set1_ps(rowdot[i0 + r]);
+            for (int64_t c = 0; c < bk; c += kLanes) {
+              const __m512 ds = _mm512_mul_ps(_mm512_loadu_ps(s + c), _mm512_sub_ps(_mm512_loadu_ps(dp + c), rd));
+              _mm512_storeu_ps(s + c, ds);  // S now holds dS in fp32
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dS.data() + r * kBlockK + c), to_bf16(ds));
+            }
+          }
+          // dK += dSᵀ·Q (pairs along the queries), dQ += dS·K (pairs along the keys)
+          for (int64_t r = 0; r < bq; r += 2)
+            interleave_rows(S.data() + r * kBlockK, r + 1 < bq ? S.data() + (r + 1) * kBlockK : nullptr, bk,
+                            dSpairs.data() + r / 2 * kBlockK);
+          gemm<true>(bk, Dp / kLanes, reinterpret_cast<const bf16*>(dSpairs.data()), 2, 2 * kBlockK,
+                     Qc.data() + i0 / 2 * kLanes, Lqp / 2 * kLanes, bq2 / 2, dk_acc.data(), Dp);
+          gemm<true>(bq, Dp / kLanes, dS.data(), kBlockK, 2, Kc.data() + j0 / 2 * kLanes, Lkp / 2 * kLanes, bk / 2,
+                     dq_acc.data() + i0 * Dp, Dp);
+        }
+        for (int64_t c = 0; c < valid; ++c) {
+          store_bf16_row(dk_acc.data() + c * Dp, D, sc, dK + b * dk.stride(0) + h * dk.stride(1) + (j0 + c) * dk.stride(2));
+          store_bf16_row(dv_acc.data() + c * Dp, D, 1.0f, dV + b * dv.stride(0) + h * dv.stride(1) + (j0 + c) * dv.stride(2));
+        }
+      }
+      for (int64_t i = 0; i < Lq; ++i)
+        store_bf16_row(dq_acc.data() + i * Dp, D, sc, dQ + b * dq.stride(0) + h * dq.stride(1) + i * dq.stride(2));
+    }
+  });
+  return {dq, dk, dv};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &attention_forward, "bf16 attention forward: (out, logsumexp)");
+  m.def("backward", &attention_backward, "bf16 attention backward: (dq, dk, dv)");
+}

@@ -1,0 +1,98 @@
+"""bf16 attention on CPUs with AVX-512 BF16: builds cpu_attention.cpp once (cached) and wraps it for autograd.
+
+`attention(q, k, v)` equals `F.scaled_dot_product_attention(q, k, v)` (default scale 1/sqrt(d), no mask) for
+bf16 CPU tensors shaped [batch, heads, tokens, d]; `usable(q, k, v)` says whether this kernel takes them. When the
+CPU lacks AVX-512 BF16 or the build fails (no compiler), `usable` is False and callers keep PyTorch's kernel.
+Set SD_LORA_CPU_ATTENTION=0 to turn it off, SD_LORA_EXT_DIR to move the build cache.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+# -fopenmp: at::parallel_for is a header template that is serial unless the extension itself is built with
+# OpenMP; the library it links is the libgomp torch has already loaded.
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+MAX_HEAD_DIM = 256
+
+_ext = None
+_state = "untried"  # untried | ready | off
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to ask, so stay with PyTorch's kernel
+        return False
+    return "avx512_bf16" in flags.split() and "avx512bw" in flags.split()
+
+
+def build_dir() -> Path:
+    default = Path.home() / ".cache" / "sd-lora" / f"ext-torch{torch.__version__.replace('+', '_')}"
+    return Path(os.environ.get("SD_LORA_EXT_DIR", default))
+
+
+def _load():
+    """The compiled module, building it the first time (about a minute); None where it can't be had."""
+    global _ext, _state
+    if _state != "untried":
+        return _ext
+    _state = "off"
+    if os.environ.get("SD_LORA_CPU_ATTENTION", "1") == "0" or not _cpu_has_avx512_bf16():
+        return None
+    from torch.utils import cpp_extension
+
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        print(f"building the bf16 CPU attention kernel once (about a minute), cached in {directory}",
+              file=sys.stderr, flush=True)
+    try:
+        _ext = cpp_extension.load(name="sd_lora_cpu_attention", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                                  build_directory=str(directory), verbose=False)
+    except Exception as e:  # no compiler, no ninja, odd toolchain: keep PyTorch's attention
+        warnings.warn(f"bf16 CPU attention kernel not built ({type(e).__name__}: {str(e)[:200]}); "
+                      "using PyTorch's attention instead", stacklevel=3)
+        return None
+    _state = "ready"
+    return _ext
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.ndim == 4
+            and q.shape[-1] % 2 == 0 and q.shape[-1] <= MAX_HEAD_DIM and k.shape[-2] > 0
+            and _load() is not None)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        scale = q.shape[-1] ** -0.5
+        out, lse = _load().forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        return tuple(_ext.backward(q, k, v, out, lse, _unit_last(grad.to(torch.bfloat16)), ctx.scale))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/sqrt(d))·v per batch and head; call only where usable(q, k, v)."""
+    if _load() is None:
+        raise RuntimeError("the bf16 CPU attention kernel is not available on this machine (see usable())")
+    return _Attention.apply(q, k, v)
