@@ -138,31 +138,31 @@ void pack_cols(const bf16* X, int64_t n, int64_t d, int64_t ld, int64_t npad, ui
   }
 }
 
-// exp(x) for x ≤ 0 (and −inf), as 2^(x·log2 e) split into an integer power and a degree-6 polynomial.
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);  // in [-0.5, 0.5]
-  __m512 p = _mm512_set1_ps(1.5353362e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+// 2^x for x ≤ 0, split into an integer power (scalef) and a polynomial on [-0.5, 0.5]. Degree 4 is within
+// 4e-6 of 2^x, far below the bf16 rounding that P gets before its products. Masked scores are a large finite
+// negative (kMasked), not −inf, so that n and x − n stay finite and scalef returns 0 without a clamp.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kMasked = -1e30f;
+
+inline __m512 exp2_ps(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(9.6760371e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5922036e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9312103e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001f));
   return _mm512_scalef_ps(p, n);
 }
 
 inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
-// Round fp32 rows r and r+1 (r+1 may be absent: zeros) to bf16 and interleave them: out[c] = (row0[c], row1[c]).
-inline void interleave_rows(const float* row0, const float* row1, int64_t cols, uint32_t* out) {
-  for (int64_t c = 0; c < cols; c += kLanes) {
-    const __m512i lo = _mm512_cvtepu16_epi32(to_bf16(_mm512_loadu_ps(row0 + c)));
-    const __m512i hi = row1 ? _mm512_cvtepu16_epi32(to_bf16(_mm512_loadu_ps(row1 + c))) : _mm512_setzero_si512();
-    _mm512_storeu_si512(out + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-  }
+// Round two fp32 vectors to bf16 and interleave them: lane i of the result is (lo[i], hi[i]).
+inline __m512i pair_bf16(__m512 lo, __m512 hi) {
+  const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lo in elements 0-15, hi in 16-31
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, halves);
 }
 
 inline void store_bf16_row(const float* src, int64_t n, float mul, bf16* dst) {
@@ -227,7 +227,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   });
 
   const int64_t qblocks = (Lq + kBlockQ - 1) / kBlockQ;
-  const float sc = static_cast<float>(scale);
+  const float sc2 = static_cast<float>(scale) * kLog2e;
   at::parallel_for(0, B * H * qblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(kBlockQ * kBlockK), acc(kBlockQ * Dp), m(kBlockQ), l(kBlockQ);
     std::vector<bf16> P(kBlockQ * kBlockK);
@@ -243,20 +243,22 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
       for (int64_t j0 = 0; j0 < Lkp; j0 += kBlockK) {
         const int64_t bk = std::min<int64_t>(kBlockK, Lkp - j0), valid = std::min<int64_t>(bk, Lk - j0);
         gemm<false>(bq, bk / kLanes, q_rows, Q.sl, 2, Kp + j0 * D / 2, D / 2 * kLanes, D / 2, S.data(), kBlockK);
+        // Online softmax in base 2: m is the running max of scale·log2(e)·S, l the running sum of 2^(·−m).
+        const __m512 vsc = _mm512_set1_ps(sc2);
         for (int64_t r = 0; r < bq; ++r) {
           float* s = S.data() + r * kBlockK;
-          for (int64_t c = valid; c < bk; ++c) s[c] = -std::numeric_limits<float>::infinity();
-          __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-          for (int64_t c = 0; c < bk; c += kLanes) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + c));
-          const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx) * sc);
-          const __m512 vsc = _mm512_set1_ps(sc), shift = _mm512_set1_ps(m_new);
+          for (int64_t c = valid; c < bk; ++c) s[c] = kMasked;
+          __m512 mx = _mm512_loadu_ps(s);
+          for (int64_t c = kLanes; c < bk; c += kLanes) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + c));
+          const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx) * sc2);
+          const __m512 shift = _mm512_set1_ps(m_new);
           __m512 sum = _mm512_setzero_ps();
           for (int64_t c = 0; c < bk; c += kLanes) {
-            const __m512 p = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), vsc, shift));
+            const __m512 p = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), vsc, shift));
             sum = _mm512_add_ps(sum, p);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(P.data() + r * kBlockK + c), to_bf16(p));
           }
-          const float alpha = std::exp(m[r] - m_new);
+          const float alpha = std::exp2(m[r] - m_new);
           l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
           m[r] = m_new;
           if (alpha != 1.0f) {
@@ -270,7 +272,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
       }
       for (int64_t r = 0; r < bq; ++r) {
         store_bf16_row(acc.data() + r * Dp, D, 1.0f / l[r], O + b * so_b + h * so_h + (i0 + r) * so_l);
-        LSE[bh * Lq + i0 + r] = m[r] + std::log(l[r]);
+        LSE[bh * Lq + i0 + r] = m[r] / kLog2e + std::log(l[r]);  // natural log, as PyTorch's
       }
     }
   });
@@ -289,6 +291,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q, const at::Tensor
   at::Tensor dq = heads_last_like(B, H, Lq, D), dk = heads_last_like(B, H, Lk, D), dv = heads_last_like(B, H, Lk, D);
   bf16 *dQ = mutable_bf16(dq), *dK = mutable_bf16(dk), *dV = mutable_bf16(dv);
   const float sc = static_cast<float>(scale);
+  const __m512 vsc = _mm512_set1_ps(sc * kLog2e);
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     // Per head: K and V for the X·Zᵀ products (S, dP), K, Q and dO for the summing products (dQ, dK, dV).
@@ -324,40 +327,36 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q, const at::Tensor
         std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
         for (int64_t i0 = 0; i0 < Lq; i0 += kBlockQ) {
           const int64_t bq = std::min<int64_t>(kBlockQ, Lq - i0), bq2 = round_up(bq, 2);
-          // P = exp(scale·Q·Kᵀ − lse)
+          // S = Q·Kᵀ and dP = dO·Vᵀ, then one pass over pairs of rows: P = 2^(scale·log2(e)·S − lse·log2(e)),
+          // dS = P ∘ (dP − rowdot), rounded to bf16 as dS (rows) and as P, dS paired along the queries (for Pᵀ·dO, dSᵀ·Q).
           gemm<false>(bq, bk / kLanes, q_h + i0 * Q.sl, Q.sl, 2, Kr.data() + j0 * D / 2, D / 2 * kLanes, D / 2,
                       S.data(), kBlockK);
-          const __m512 vsc = _mm512_set1_ps(sc);
-          for (int64_t r = 0; r < bq; ++r) {
-            float* s = S.data() + r * kBlockK;
-            const __m512 shift = _mm512_set1_ps(lse_h[i0 + r]);
-            for (int64_t c = 0; c < bk; c += kLanes)
-              _mm512_storeu_ps(s + c, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), vsc, shift)));
-            for (int64_t c = valid; c < bk; ++c) s[c] = 0.0f;
-          }
-          // dV += Pᵀ·dO: the rows of P pair up along the queries summed over.
-          for (int64_t r = 0; r < bq; r += 2)
-            interleave_rows(S.data() + r * kBlockK, r + 1 < bq ? S.data() + (r + 1) * kBlockK : nullptr, bk,
-                            Ppairs.data() + r / 2 * kBlockK);
-          gemm<true>(bk, Dp / kLanes, reinterpret_cast<const bf16*>(Ppairs.data()), 2, 2 * kBlockK,
-                     dOc.data() + i0 / 2 * kLanes, Lqp / 2 * kLanes, bq2 / 2, dv_acc.data(), Dp);
-          // dP = dO·Vᵀ, then dS = P ∘ (dP − rowdot)
           gemm<false>(bq, bk / kLanes, do_h + i0 * dO.sl, dO.sl, 2, Vr.data() + j0 * D / 2, D / 2 * kLanes, D / 2,
                       dP.data(), kBlockK);
-          for (int64_t r = 0; r < bq; ++r) {
-            float* s = S.data() + r * kBlockK;
-            const float* dp = dP.data() + r * kBlockK;
-            const __m512 rd = _mm512_set1_ps(rowdot[i0 + r]);
+          for (int64_t r = 0; r < bq; r += 2) {
+            const bool two = r + 1 < bq;
+            const float* s0 = S.data() + r * kBlockK;
+            const float* dp0 = dP.data() + r * kBlockK;
+            const __m512 shift0 = _mm512_set1_ps(lse_h[i0 + r] * kLog2e), rd0 = _mm512_set1_ps(rowdot[i0 + r]);
+            const __m512 shift1 = _mm512_set1_ps(two ? lse_h[i0 + r + 1] * kLog2e : 0.0f);
+            const __m512 rd1 = _mm512_set1_ps(two ? rowdot[i0 + r + 1] : 0.0f);
             for (int64_t c = 0; c < bk; c += kLanes) {
-              const __m512 ds = _mm512_mul_ps(_mm512_loadu_ps(s + c), _mm512_sub_ps(_mm512_loadu_ps(dp + c), rd));
-              _mm512_storeu_ps(s + c, ds);  // S now holds dS in fp32
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dS.data() + r * kBlockK + c), to_bf16(ds));
+              const __mmask16 keys = c + kLanes <= valid ? 0xFFFF
+                                     : static_cast<__mmask16>(c < valid ? (1u << (valid - c)) - 1 : 0);
+              const __mmask16 keys1 = two ? keys : 0;
+              const __m512 p0 = _mm512_maskz_mov_ps(keys, exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s0 + c), vsc, shift0)));
+              const __m512 p1 = _mm512_maskz_mov_ps(
+                  keys1, exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(keys1, s0 + kBlockK + c), vsc, shift1)));
+              const __m512 ds0 = _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dp0 + c), rd0));
+              const __m512 ds1 = _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_maskz_loadu_ps(keys1, dp0 + kBlockK + c), rd1));
+              _mm512_storeu_si512(Ppairs.data() + r / 2 * kBlockK + c, pair_bf16(p0, p1));
+              _mm512_storeu_si512(dSpairs.data() + r / 2 * kBlockK + c, pair_bf16(ds0, ds1));
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dS.data() + r * kBlockK + c), to_bf16(ds0));
+              if (two) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dS.data() + (r + 1) * kBlockK + c), to_bf16(ds1));
             }
           }
-          // dK += dSᵀ·Q (pairs along the queries), dQ += dS·K (pairs along the keys)
-          for (int64_t r = 0; r < bq; r += 2)
-            interleave_rows(S.data() + r * kBlockK, r + 1 < bq ? S.data() + (r + 1) * kBlockK : nullptr, bk,
-                            dSpairs.data() + r / 2 * kBlockK);
+          gemm<true>(bk, Dp / kLanes, reinterpret_cast<const bf16*>(Ppairs.data()), 2, 2 * kBlockK,
+                     dOc.data() + i0 / 2 * kLanes, Lqp / 2 * kLanes, bq2 / 2, dv_acc.data(), Dp);
           gemm<true>(bk, Dp / kLanes, reinterpret_cast<const bf16*>(dSpairs.data()), 2, 2 * kBlockK,
                      Qc.data() + i0 / 2 * kLanes, Lqp / 2 * kLanes, bq2 / 2, dk_acc.data(), Dp);
           gemm<true>(bq, Dp / kLanes, dS.data(), kBlockK, 2, Kc.data() + j0 / 2 * kLanes, Lkp / 2 * kLanes, bk / 2,
