@@ -1,4 +1,4 @@
-"""Tests for unet/cpu_attention: our bf16 attention kernel against PyTorch's, and the fallback when it can't run."""
+"""Tests for unet/cpu_attention: our bf16/fp32 attention kernel against PyTorch's, and the fallback when it can't run."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(b, n, heads, hd // heads).transpose(1, 2)
 
 
-def _errors(batch, heads, lq, lk, d, seed=0):
-    """Relative errors of ours and of PyTorch's bf16 attention, both against float32 PyTorch, for out, dq, dk, dv."""
+def _errors(batch, heads, lq, lk, d, dtype=torch.bfloat16, seed=0):
+    """Relative errors of ours and of PyTorch's attention in `dtype`, both against PyTorch in the next wider
+    precision (float32 for bf16, float64 for float32), for out, dq, dk, dv."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, lq, heads * d, generator=g)
     k = 1.5 * torch.randn(batch, lk, heads * d, generator=g)
@@ -36,11 +37,12 @@ def _errors(batch, heads, lq, lk, d, seed=0):
         leaves = [t.to(dtype, copy=True).requires_grad_(True) for t in (q, k, v)]
         out = fn(*(_heads(t, heads) for t in leaves))
         out.backward(grad.to(dtype))
-        return [out.float()] + [t.grad.float() for t in leaves]
+        return [out.double()] + [t.grad.double() for t in leaves]
 
-    want = run(F.scaled_dot_product_attention, torch.float32)
-    ours = run(cpu_attention.attention, torch.bfloat16)
-    torchs = run(F.scaled_dot_product_attention, torch.bfloat16)
+    wide = torch.float32 if dtype == torch.bfloat16 else torch.float64
+    want = [t.to(torch.float64) for t in run(F.scaled_dot_product_attention, wide)]
+    ours = run(cpu_attention.attention, dtype)
+    torchs = run(F.scaled_dot_product_attention, dtype)
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     return [rel(a, w) for a, w in zip(ours, want)], [rel(a, w) for a, w in zip(torchs, want)]
 
@@ -60,6 +62,14 @@ def test_matches_pytorch_attention_forward_and_backward(one_thread, batch, heads
         # bf16 rounding of inputs, P and dS: about 0.3 %; ours must be as close to fp32 as PyTorch's bf16 kernel.
         assert a < 1.5 * b + 1e-3, f"{name}: ours {a:.4f} vs PyTorch bf16 {b:.4f}"
         assert a < 0.01, name
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch,heads,lq,lk,d", [(1, 4, 256, 256, 40), (2, 3, 33, 130, 80), (1, 2, 7, 5, 7)])
+def test_float32_matches_pytorch_to_float32_accuracy(one_thread, batch, heads, lq, lk, d):
+    ours, torchs = _errors(batch, heads, lq, lk, d, dtype=torch.float32)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, torchs):
+        assert a < 3 * b + 1e-6, f"{name}: ours {a:.2e} vs PyTorch float32 {b:.2e}"
 
 
 @needs_kernel
@@ -99,18 +109,22 @@ def test_unet_bf16_with_and_without_the_kernel(one_thread, monkeypatch):
     layers = sum(isinstance(m, unet_model.CrossAttention) for m in bf16.modules())
     ours = run(bf16, True)
     assert len(calls) == layers > 0
-    torchs, want = run(bf16, False), run(fp32, True)
-    assert len(calls) == layers  # neither float32 nor the switched-off run went through it
+    torchs, want = run(bf16, False), run(fp32, False)
+    assert len(calls) == layers  # the switched-off runs did not go through it
     for a, b, w in zip(ours, torchs, want):
         err_ours, err_torch = ((a - w).norm() / w.norm()).item(), ((b - w).norm() / w.norm()).item()
         assert err_ours < 1.5 * err_torch + 1e-3, (err_ours, err_torch)
 
 
 def test_not_used_where_it_does_not_apply():
-    """float32, float16 and odd head sizes stay with PyTorch's attention."""
-    for dtype, d in ((torch.float32, 8), (torch.float16, 8), (torch.bfloat16, 7)):
+    """float16, float64, mixed dtypes and odd bf16 head sizes stay with PyTorch's attention."""
+    for dtype, d in ((torch.float16, 8), (torch.float64, 8), (torch.bfloat16, 7)):
         t = torch.zeros(1, 1, 4, d, dtype=dtype)
         assert not cpu_attention.usable(t, t, t)
+    a, b = torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    assert not cpu_attention.usable(a, b, b)
+    q, kv = torch.zeros(2, 1, 4, 8), torch.zeros(1, 1, 3, 8)  # a context broadcast over the batch
+    assert not cpu_attention.usable(q, kv, kv)
 
 
 def test_build_failure_falls_back_with_a_warning(monkeypatch):

@@ -34,11 +34,19 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 
-// C[r, 16n + l] (+)= Σ_p  A[r·lda + p·pstride + {0,1}] · B[n·bstride + 16p + l][{0,1}]
-// A holds bf16 pairs along the summed dimension (pstride apart); B is packed as 32-bit pairs, 16 output
-// columns per group. R·N accumulators stay in registers for the whole sum.
-template <int R, int N, bool Acc>
-inline void micro(const bf16* A, int64_t lda, int64_t pstride, const uint32_t* B, int64_t bstride, int64_t pairs,
+// Elements are bf16 (two per 32-bit unit: products summed in pairs by vdpbf16ps) or fp32 (one per unit: FMA).
+template <typename T> constexpr int kPack = 2;
+template <> constexpr int kPack<float> = 1;
+
+inline float to_f(bf16 x) { uint32_t u = static_cast<uint32_t>(x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline float to_f(float x) { return x; }
+
+// C[r, 16n + l] (+)= Σ_p  A[r·lda + p·pstride + {0,1}] · B[n·bstride + 16p + l][{0,1}]   (bf16: pairs)
+// C[r, 16n + l] (+)= Σ_p  A[r·lda + p·pstride] · B[n·bstride + 16p + l]                  (fp32)
+// A holds one 32-bit unit per step p (pstride elements apart); B is packed in units, 16 output columns per group.
+// R·N accumulators stay in registers for the whole sum.
+template <typename T, int R, int N, bool Acc>
+inline void micro(const T* A, int64_t lda, int64_t pstride, const uint32_t* B, int64_t bstride, int64_t units,
                   float* C, int64_t ldc) {
   // The unroll pragmas let GCC keep acc in registers; without them it shuttles acc through the stack around the
   // loop, which costs a third of the speed at the UNet's short sums (20 pairs for head size 40).
@@ -48,17 +56,20 @@ inline void micro(const bf16* A, int64_t lda, int64_t pstride, const uint32_t* B
 #pragma GCC unroll 4
     for (int n = 0; n < N; ++n)
       acc[r][n] = Acc ? _mm512_loadu_ps(C + r * ldc + n * kLanes) : _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512bh b[N];
+  for (int64_t p = 0; p < units; ++p) {
+    __m512i b[N];
 #pragma GCC unroll 4
-    for (int n = 0; n < N; ++n) b[n] = as_bh(_mm512_loadu_si512(B + n * bstride + p * kLanes));
+    for (int n = 0; n < N; ++n) b[n] = _mm512_loadu_si512(B + n * bstride + p * kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, A + r * lda + p * pstride, sizeof(pair));
-      const __m512bh a = as_bh(_mm512_set1_epi32(pair));
+      int32_t unit;
+      std::memcpy(&unit, A + r * lda + p * pstride, sizeof(unit));
+      const __m512i a = _mm512_set1_epi32(unit);
 #pragma GCC unroll 4
-      for (int n = 0; n < N; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], a, b[n]);
+      for (int n = 0; n < N; ++n) {
+        if constexpr (kPack<T> == 2) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], as_bh(a), as_bh(b[n]));
+        else acc[r][n] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b[n]), acc[r][n]);
+      }
     }
   }
 #pragma GCC unroll 8
@@ -67,91 +78,110 @@ inline void micro(const bf16* A, int64_t lda, int64_t pstride, const uint32_t* B
     for (int n = 0; n < N; ++n) _mm512_storeu_ps(C + r * ldc + n * kLanes, acc[r][n]);
 }
 
-template <int N, bool Acc>
-inline void micro_rows(int rows, const bf16* A, int64_t lda, int64_t pstride, const uint32_t* B, int64_t bstride,
-                       int64_t pairs, float* C, int64_t ldc) {
+template <typename T, int N, bool Acc>
+inline void micro_rows(int rows, const T* A, int64_t lda, int64_t pstride, const uint32_t* B, int64_t bstride,
+                       int64_t units, float* C, int64_t ldc) {
   switch (rows) {
-    case 1: micro<1, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
-    case 2: micro<2, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
-    case 3: micro<3, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
-    case 4: micro<4, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
-    case 5: micro<5, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
-    case 6: micro<6, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
-    case 7: micro<7, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
-    default: micro<8, N, Acc>(A, lda, pstride, B, bstride, pairs, C, ldc); break;
+    case 1: micro<T, 1, N, Acc>(A, lda, pstride, B, bstride, units, C, ldc); break;
+    case 2: micro<T, 2, N, Acc>(A, lda, pstride, B, bstride, units, C, ldc); break;
+    case 3: micro<T, 3, N, Acc>(A, lda, pstride, B, bstride, units, C, ldc); break;
+    case 4: micro<T, 4, N, Acc>(A, lda, pstride, B, bstride, units, C, ldc); break;
+    case 5: micro<T, 5, N, Acc>(A, lda, pstride, B, bstride, units, C, ldc); break;
+    case 6: micro<T, 6, N, Acc>(A, lda, pstride, B, bstride, units, C, ldc); break;
+    case 7: micro<T, 7, N, Acc>(A, lda, pstride, B, bstride, units, C, ldc); break;
+    default: micro<T, 8, N, Acc>(A, lda, pstride, B, bstride, units, C, ldc); break;
   }
 }
 
-// C[rows × 16·groups] (+)= A · B over `pairs` pairs, tiled into register blocks of (≤ 8 or 6 rows) × (≤ 4 groups).
-template <bool Acc>
-void gemm(int64_t rows, int64_t groups, const bf16* A, int64_t lda, int64_t pstride, const uint32_t* B,
-          int64_t bstride, int64_t pairs, float* C, int64_t ldc) {
+// C[rows × 16·groups] (+)= A · B over `units` steps, tiled into register blocks of (≤ 8 or 6 rows) × (≤ 4 groups).
+template <typename T, bool Acc>
+void gemm(int64_t rows, int64_t groups, const T* A, int64_t lda, int64_t pstride, const uint32_t* B,
+          int64_t bstride, int64_t units, float* C, int64_t ldc) {
   for (int64_t g = 0; g < groups;) {
     const int n = static_cast<int>(std::min<int64_t>(4, groups - g));
     const int rmax = n == 4 ? 6 : 8;  // 24 accumulators + n operands + 1 broadcast fit in 32 registers
     for (int64_t r = 0; r < rows; r += rmax) {
       const int rr = static_cast<int>(std::min<int64_t>(rmax, rows - r));
-      const bf16* a = A + r * lda;
+      const T* a = A + r * lda;
       const uint32_t* b = B + g * bstride;
       float* c = C + r * ldc + g * kLanes;
       switch (n) {
-        case 1: micro_rows<1, Acc>(rr, a, lda, pstride, b, bstride, pairs, c, ldc); break;
-        case 2: micro_rows<2, Acc>(rr, a, lda, pstride, b, bstride, pairs, c, ldc); break;
-        case 3: micro_rows<3, Acc>(rr, a, lda, pstride, b, bstride, pairs, c, ldc); break;
-        default: micro_rows<4, Acc>(rr, a, lda, pstride, b, bstride, pairs, c, ldc); break;
+        case 1: micro_rows<T, 1, Acc>(rr, a, lda, pstride, b, bstride, units, c, ldc); break;
+        case 2: micro_rows<T, 2, Acc>(rr, a, lda, pstride, b, bstride, units, c, ldc); break;
+        case 3: micro_rows<T, 3, Acc>(rr, a, lda, pstride, b, bstride, units, c, ldc); break;
+        default: micro_rows<T, 4, Acc>(rr, a, lda, pstride, b, bstride, units, c, ldc); break;
       }
     }
     g += n;
   }
 }
 
-inline uint32_t pair_of(bf16 lo, bf16 hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); }
+inline uint32_t unit_of(bf16 lo, bf16 hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); }
+inline uint32_t unit_of(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
+
+// The 32-bit unit p of a row (elements p·kPack ...), zero past `len` elements.
+inline uint32_t unit_at(const bf16* row, int64_t p, int64_t len) {
+  return unit_of(2 * p < len ? row[2 * p] : bf16(0), 2 * p + 1 < len ? row[2 * p + 1] : bf16(0));
+}
+inline uint32_t unit_at(const float* row, int64_t p, int64_t len) { return p < len ? unit_of(row[p]) : 0u; }
 
 // X [n rows × d] (row stride ld) as the right operand of X·Zᵀ products (rows become output columns):
-// out[g][p][l] = (X[16g+l, 2p], X[16g+l, 2p+1]), rows past n are zero. Size: round_up(n,16) · d/2.
-void pack_rows(const bf16* X, int64_t n, int64_t d, int64_t ld, uint32_t* out) {
-  const int64_t groups = round_up(n, kLanes) / kLanes, pairs = d / 2;
+// out[g][p][l] = unit p of row 16g+l; rows past n are zero. Size: round_up(n,16) · d/kPack units.
+template <typename T>
+void pack_rows(const T* X, int64_t n, int64_t d, int64_t ld, uint32_t* out) {
+  const int64_t groups = round_up(n, kLanes) / kLanes, units = d / kPack<T>;
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t l = 0; l < kLanes; ++l) {
       const int64_t row = g * kLanes + l;
-      uint32_t* dst = out + g * pairs * kLanes + l;
-      if (row < n) {
-        const bf16* src = X + row * ld;
-        for (int64_t p = 0; p < pairs; ++p) dst[p * kLanes] = pair_of(src[2 * p], src[2 * p + 1]);
-      } else {
-        for (int64_t p = 0; p < pairs; ++p) dst[p * kLanes] = 0;
-      }
+      uint32_t* dst = out + g * units * kLanes + l;
+      for (int64_t p = 0; p < units; ++p) dst[p * kLanes] = row < n ? unit_at(X + row * ld, p, d) : 0u;
     }
 }
 
-// X [n rows × d] (row stride ld) as the right operand of Z·X products (rows are summed over):
-// out[g][p][l] = (X[2p, 16g+l], X[2p+1, 16g+l]) with p < npad/2, zero past n rows or d columns.
-void pack_cols(const bf16* X, int64_t n, int64_t d, int64_t ld, int64_t npad, uint32_t* out) {
-  const int64_t groups = round_up(d, kLanes) / kLanes, pairs = npad / 2;
-  for (int64_t p = 0; p < pairs; ++p) {
-    const bf16* r0 = 2 * p < n ? X + 2 * p * ld : nullptr;
-    const bf16* r1 = 2 * p + 1 < n ? X + (2 * p + 1) * ld : nullptr;
+// X [n rows × d] (row stride ld) as the right operand of Z·X products (rows are summed over): unit p of column c
+// holds rows p·kPack ... of it: out[g][p][l] for column 16g+l, p < npad/kPack; zero past n rows or d columns.
+template <typename T>
+void pack_cols(const T* X, int64_t n, int64_t d, int64_t ld, int64_t npad, uint32_t* out) {
+  const int64_t groups = round_up(d, kLanes) / kLanes, units = npad / kPack<T>;
+  for (int64_t p = 0; p < units; ++p) {
+    const T* r0 = kPack<T> * p < n ? X + kPack<T> * p * ld : nullptr;
+    const T* r1 = kPack<T> == 2 && 2 * p + 1 < n ? X + (2 * p + 1) * ld : nullptr;
     for (int64_t c = 0; c < groups * kLanes; ++c) {
-      const bf16 lo = (r0 && c < d) ? r0[c] : 0, hi = (r1 && c < d) ? r1[c] : 0;
-      out[(c / kLanes) * pairs * kLanes + p * kLanes + (c % kLanes)] = pair_of(lo, hi);
+      uint32_t u;
+      if constexpr (kPack<T> == 2) u = unit_of((r0 && c < d) ? r0[c] : bf16(0), (r1 && c < d) ? r1[c] : bf16(0));
+      else u = (r0 && c < d) ? unit_of(r0[c]) : 0u;
+      out[(c / kLanes) * units * kLanes + p * kLanes + (c % kLanes)] = u;
     }
   }
 }
 
-// 2^x for x ≤ 0, split into an integer power (scalef) and a polynomial on [-0.5, 0.5]. Degree 4 is within
-// 4e-6 of 2^x, far below the bf16 rounding that P gets before its products. Masked scores are a large finite
-// negative (kMasked), not −inf, so that n and x − n stay finite and scalef returns 0 without a clamp.
+// 2^x for x ≤ 0, split into an integer power (scalef) and a polynomial on [-0.5, 0.5]. For bf16, degree 4
+// (within 4e-6 of 2^x, far below the rounding P gets before its products); for fp32, degree 6 (within 3e-9).
+// Masked scores are a large finite negative (kMasked), not −inf, so that n and x − n stay finite and scalef
+// returns 0 without a clamp.
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kMasked = -1e30f;
 
+template <typename T>
 inline __m512 exp2_ps(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(9.6760371e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5922036e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9312103e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001f));
+  __m512 p;
+  if constexpr (kPack<T> == 2) {
+    p = _mm512_set1_ps(9.6760371e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5922036e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9312103e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001f));
+  } else {
+    p = _mm512_set1_ps(1.5469732e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3400432e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6180256e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503272e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314721e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  }
   return _mm512_scalef_ps(p, n);
 }
 
@@ -165,57 +195,83 @@ inline __m512i pair_bf16(__m512 lo, __m512 hi) {
   return _mm512_permutexvar_epi16(order, halves);
 }
 
-inline void store_bf16_row(const float* src, int64_t n, float mul, bf16* dst) {
-  int64_t c = 0;
+// 16 values (the first `count`) into a row of T.
+inline void store16(bf16* dst, __m512 v, int64_t count = kLanes) {
+  if (count >= kLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), to_bf16(v));
+  else _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << count) - 1), to_bf16(v));
+}
+inline void store16(float* dst, __m512 v, int64_t count = kLanes) {
+  if (count >= kLanes) _mm512_storeu_ps(dst, v);
+  else _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << count) - 1), v);
+}
+
+// Rows r and r+1 of a block (hi absent: zeros) into a buffer of units whose unit p, column c is at p·kBlockK + c:
+// bf16 pairs them up into one unit, fp32 keeps them as two rows.
+inline void store_row_pair(uint32_t* base, int64_t r, int64_t c, __m512 lo, __m512 hi, bool two, bf16) {
+  _mm512_storeu_si512(base + r / 2 * kBlockK + c, pair_bf16(lo, hi));
+}
+inline void store_row_pair(uint32_t* base, int64_t r, int64_t c, __m512 lo, __m512 hi, bool two, float) {
+  float* rows = reinterpret_cast<float*>(base);
+  _mm512_storeu_ps(rows + r * kBlockK + c, lo);
+  if (two) _mm512_storeu_ps(rows + (r + 1) * kBlockK + c, hi);
+}
+
+template <typename T>
+inline void store_row(const float* src, int64_t n, float mul, T* dst) {
   const __m512 m = _mm512_set1_ps(mul);
-  for (; c + kLanes <= n; c += kLanes)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(src + c), m)));
-  if (c < n) {
-    const __mmask16 k = static_cast<__mmask16>((1u << (n - c)) - 1);
-    _mm256_mask_storeu_epi16(dst + c, k, to_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, src + c), m)));
+  for (int64_t c = 0; c < n; c += kLanes) {
+    const int64_t left = std::min<int64_t>(kLanes, n - c);
+    const __mmask16 k = static_cast<__mmask16>(left >= kLanes ? 0xFFFF : (1u << left) - 1);
+    store16(dst + c, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, src + c), m), left);
   }
 }
 
+template <typename T>
 struct Layout {  // a [B, H, L, D] tensor with unit stride along D
-  const bf16* data;
+  const T* data;
   int64_t sb, sh, sl;
-  const bf16* at(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+  const T* at(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
 };
 
-Layout layout_of(const at::Tensor& t) {
-  return {reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()), t.stride(0), t.stride(1), t.stride(2)};
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  if constexpr (kPack<T> == 2) return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>());
+  else return t.data_ptr<float>();
 }
+template <typename T>
+T* mutable_ptr(at::Tensor& t) { return const_cast<T*>(ptr<T>(t)); }
 
-void check(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4 && t.stride(3) == 1,
-              name, ": expected a CPU bfloat16 [B, H, L, D] tensor with unit stride along D");
+template <typename T>
+Layout<T> layout_of(const at::Tensor& t) { return {ptr<T>(t), t.stride(0), t.stride(1), t.stride(2)}; }
+
+void check(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat) &&
+              t.scalar_type() == like.scalar_type() && t.dim() == 4 && t.stride(3) == 1, name,
+              ": expected a CPU bfloat16 or float32 [B, H, L, D] tensor (all of one dtype) with unit stride along D");
 }
 
 // Output tensors are laid out [B, L, H, D] and returned as [B, H, L, D] views, so that merging the heads
 // afterwards ("b h n d -> b n (h d)") is free.
-at::Tensor heads_last_like(int64_t B, int64_t H, int64_t L, int64_t D) {
-  return at::empty({B, L, H, D}, at::TensorOptions().dtype(at::kBFloat16)).permute({0, 2, 1, 3});
+at::Tensor heads_last_like(const at::Tensor& like, int64_t B, int64_t H, int64_t L, int64_t D) {
+  return at::empty({B, L, H, D}, like.options()).permute({0, 2, 1, 3});
 }
 
-bf16* mutable_bf16(at::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>()); }
-
-}  // namespace
-
-std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  check(q, "q"); check(k, "k"); check(v, "v");
+template <typename T>
+std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  constexpr int64_t U = kPack<T>;  // elements per 32-bit unit
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
-  TORCH_CHECK(D % 2 == 0 && k.size(3) == D && v.size(3) == D && v.size(2) == Lk && k.size(0) == B &&
+  TORCH_CHECK(D % U == 0 && k.size(3) == D && v.size(3) == D && v.size(2) == Lk && k.size(0) == B &&
               v.size(0) == B && k.size(1) == H && v.size(1) == H, "attention: mismatched q/k/v shapes");
   const int64_t Lkp = round_up(Lk, kLanes), Dp = round_up(D, kLanes);
-  const Layout Q = layout_of(q), K = layout_of(k), V = layout_of(v);
-  at::Tensor out = heads_last_like(B, H, Lq, D);
+  const Layout<T> Q = layout_of<T>(q), K = layout_of<T>(k), V = layout_of<T>(v);
+  at::Tensor out = heads_last_like(q, B, H, Lq, D);
   at::Tensor lse = at::empty({B, H, Lq}, at::TensorOptions().dtype(at::kFloat));
-  bf16* O = mutable_bf16(out);
+  T* O = mutable_ptr<T>(out);
   float* LSE = lse.data_ptr<float>();
   const int64_t so_b = out.stride(0), so_h = out.stride(1), so_l = out.stride(2);
 
   // Pack K (for S = Q·Kᵀ) and V (for O = P·V) once per head.
-  const int64_t kpack = Lkp * D / 2, vpack = Lkp / 2 * Dp;
+  const int64_t kpack = Lkp * D / U, vpack = Lkp / U * Dp;
   std::vector<uint32_t> packed(static_cast<size_t>(B * H * (kpack + vpack)));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -230,19 +286,19 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   const float sc2 = static_cast<float>(scale) * kLog2e;
   at::parallel_for(0, B * H * qblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(kBlockQ * kBlockK), acc(kBlockQ * Dp), m(kBlockQ), l(kBlockQ);
-    std::vector<bf16> P(kBlockQ * kBlockK);
+    std::vector<T> P(kBlockQ * kBlockK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / qblocks, i0 = (task % qblocks) * kBlockQ, b = bh / H, h = bh % H;
       const int64_t bq = std::min<int64_t>(kBlockQ, Lq - i0);
       const uint32_t* Kp = packed.data() + bh * (kpack + vpack);
       const uint32_t* Vp = Kp + kpack;
-      const bf16* q_rows = Q.at(b, h) + i0 * Q.sl;
+      const T* q_rows = Q.at(b, h) + i0 * Q.sl;
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t j0 = 0; j0 < Lkp; j0 += kBlockK) {
         const int64_t bk = std::min<int64_t>(kBlockK, Lkp - j0), valid = std::min<int64_t>(bk, Lk - j0);
-        gemm<false>(bq, bk / kLanes, q_rows, Q.sl, 2, Kp + j0 * D / 2, D / 2 * kLanes, D / 2, S.data(), kBlockK);
+        gemm<T, false>(bq, bk / kLanes, q_rows, Q.sl, U, Kp + j0 * D / U, D / U * kLanes, D / U, S.data(), kBlockK);
         // Online softmax in base 2: m is the running max of scale·log2(e)·S, l the running sum of 2^(·−m).
         const __m512 vsc = _mm512_set1_ps(sc2);
         for (int64_t r = 0; r < bq; ++r) {
@@ -254,9 +310,9 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
           const __m512 shift = _mm512_set1_ps(m_new);
           __m512 sum = _mm512_setzero_ps();
           for (int64_t c = 0; c < bk; c += kLanes) {
-            const __m512 p = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), vsc, shift));
+            const __m512 p = exp2_ps<T>(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), vsc, shift));
             sum = _mm512_add_ps(sum, p);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(P.data() + r * kBlockK + c), to_bf16(p));
+            store16(P.data() + r * kBlockK + c, p);
           }
           const float alpha = std::exp2(m[r] - m_new);
           l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
@@ -267,11 +323,11 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
               _mm512_storeu_ps(acc.data() + r * Dp + c, _mm512_mul_ps(_mm512_loadu_ps(acc.data() + r * Dp + c), a));
           }
         }
-        gemm<true>(bq, Dp / kLanes, P.data(), kBlockK, 2, Vp + j0 / 2 * kLanes, Lkp / 2 * kLanes, bk / 2,
-                   acc.data(), Dp);
+        gemm<T, true>(bq, Dp / kLanes, P.data(), kBlockK, U, Vp + j0 / U * kLanes, Lkp / U * kLanes, bk / U,
+                      acc.data(), Dp);
       }
       for (int64_t r = 0; r < bq; ++r) {
-        store_bf16_row(acc.data() + r * Dp, D, 1.0f / l[r], O + b * so_b + h * so_h + (i0 + r) * so_l);
+        store_row(acc.data() + r * Dp, D, 1.0f / l[r], O + b * so_b + h * so_h + (i0 + r) * so_l);
         LSE[bh * Lq + i0 + r] = m[r] / kLog2e + std::log(l[r]);  // natural log, as PyTorch's
       }
     }
@@ -279,30 +335,33 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   return {out, lse};
 }
 
-std::vector<at::Tensor> attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& o, const at::Tensor& lse_t, const at::Tensor& dout,
-                                           double scale) {
-  check(q, "q"); check(k, "k"); check(v, "v"); check(o, "out"); check(dout, "grad_out");
+template <typename T>
+std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& o, const at::Tensor& lse_t, const at::Tensor& dout,
+                                      double scale) {
+  constexpr int64_t U = kPack<T>;
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
-  const int64_t Lkp = round_up(Lk, kLanes), Lqp = round_up(Lq, 2), Dp = round_up(D, kLanes);
-  const Layout Q = layout_of(q), K = layout_of(k), V = layout_of(v), O = layout_of(o), dO = layout_of(dout);
+  const int64_t Lkp = round_up(Lk, kLanes), Lqp = round_up(Lq, U), Dp = round_up(D, kLanes);
+  const Layout<T> Q = layout_of<T>(q), K = layout_of<T>(k), V = layout_of<T>(v), O = layout_of<T>(o),
+                  dO = layout_of<T>(dout);
   const at::Tensor lse_c = lse_t.contiguous();
   const float* LSE = lse_c.data_ptr<float>();
-  at::Tensor dq = heads_last_like(B, H, Lq, D), dk = heads_last_like(B, H, Lk, D), dv = heads_last_like(B, H, Lk, D);
-  bf16 *dQ = mutable_bf16(dq), *dK = mutable_bf16(dk), *dV = mutable_bf16(dv);
+  at::Tensor dq = heads_last_like(q, B, H, Lq, D), dk = heads_last_like(q, B, H, Lk, D),
+             dv = heads_last_like(q, B, H, Lk, D);
+  T *dQ = mutable_ptr<T>(dq), *dK = mutable_ptr<T>(dk), *dV = mutable_ptr<T>(dv);
   const float sc = static_cast<float>(scale);
   const __m512 vsc = _mm512_set1_ps(sc * kLog2e);
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     // Per head: K and V for the X·Zᵀ products (S, dP), K, Q and dO for the summing products (dQ, dK, dV).
-    std::vector<uint32_t> Kr(Lkp * D / 2), Vr(Lkp * D / 2), Kc(Lkp / 2 * Dp), Qc(Lqp / 2 * Dp), dOc(Lqp / 2 * Dp);
+    std::vector<uint32_t> Kr(Lkp * D / U), Vr(Lkp * D / U), Kc(Lkp / U * Dp), Qc(Lqp / U * Dp), dOc(Lqp / U * Dp);
     std::vector<float> rowdot(Lq), dq_acc(Lq * Dp), dk_acc(kBlockK * Dp), dv_acc(kBlockK * Dp);
     std::vector<float> S(kBlockQ * kBlockK), dP(kBlockQ * kBlockK);
-    std::vector<uint32_t> Ppairs(kBlockQ / 2 * kBlockK), dSpairs(kBlockQ / 2 * kBlockK);
-    std::vector<bf16> dS(kBlockQ * kBlockK);
+    std::vector<uint32_t> Ppairs(kBlockQ / U * kBlockK), dSpairs(kBlockQ / U * kBlockK);
+    std::vector<T> dS(kBlockQ * kBlockK);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const bf16 *q_h = Q.at(b, h), *do_h = dO.at(b, h), *o_h = O.at(b, h);
+      const T *q_h = Q.at(b, h), *do_h = dO.at(b, h), *o_h = O.at(b, h);
       pack_rows(K.at(b, h), Lk, D, K.sl, Kr.data());
       pack_rows(V.at(b, h), Lk, D, V.sl, Vr.data());
       pack_cols(K.at(b, h), Lk, D, K.sl, Lkp, Kc.data());
@@ -310,12 +369,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q, const at::Tensor
       pack_cols(do_h, Lq, D, dO.sl, Lqp, dOc.data());
       for (int64_t i = 0; i < Lq; ++i) {  // rowsum(dO ∘ O), the softmax's correction term
         float s = 0.0f;
-        for (int64_t c = 0; c < D; ++c) {
-          float a, z;
-          const uint32_t ua = static_cast<uint32_t>(do_h[i * dO.sl + c]) << 16, uz = static_cast<uint32_t>(o_h[i * O.sl + c]) << 16;
-          std::memcpy(&a, &ua, 4); std::memcpy(&z, &uz, 4);
-          s += a * z;
-        }
+        for (int64_t c = 0; c < D; ++c) s += to_f(do_h[i * dO.sl + c]) * to_f(o_h[i * O.sl + c]);
         rowdot[i] = s;
       }
       std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
@@ -326,13 +380,14 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q, const at::Tensor
         std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
         std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
         for (int64_t i0 = 0; i0 < Lq; i0 += kBlockQ) {
-          const int64_t bq = std::min<int64_t>(kBlockQ, Lq - i0), bq2 = round_up(bq, 2);
+          const int64_t bq = std::min<int64_t>(kBlockQ, Lq - i0), bqu = round_up(bq, U);
           // S = Q·Kᵀ and dP = dO·Vᵀ, then one pass over pairs of rows: P = 2^(scale·log2(e)·S − lse·log2(e)),
-          // dS = P ∘ (dP − rowdot), rounded to bf16 as dS (rows) and as P, dS paired along the queries (for Pᵀ·dO, dSᵀ·Q).
-          gemm<false>(bq, bk / kLanes, q_h + i0 * Q.sl, Q.sl, 2, Kr.data() + j0 * D / 2, D / 2 * kLanes, D / 2,
-                      S.data(), kBlockK);
-          gemm<false>(bq, bk / kLanes, do_h + i0 * dO.sl, dO.sl, 2, Vr.data() + j0 * D / 2, D / 2 * kLanes, D / 2,
-                      dP.data(), kBlockK);
+          // dS = P ∘ (dP − rowdot), stored as rows of dS and (bf16: paired along the queries) as P and dS for the
+          // products summed over queries (Pᵀ·dO, dSᵀ·Q).
+          gemm<T, false>(bq, bk / kLanes, q_h + i0 * Q.sl, Q.sl, U, Kr.data() + j0 * D / U, D / U * kLanes, D / U,
+                         S.data(), kBlockK);
+          gemm<T, false>(bq, bk / kLanes, do_h + i0 * dO.sl, dO.sl, U, Vr.data() + j0 * D / U, D / U * kLanes, D / U,
+                         dP.data(), kBlockK);
           for (int64_t r = 0; r < bq; r += 2) {
             const bool two = r + 1 < bq;
             const float* s0 = S.data() + r * kBlockK;
@@ -344,37 +399,52 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q, const at::Tensor
               const __mmask16 keys = c + kLanes <= valid ? 0xFFFF
                                      : static_cast<__mmask16>(c < valid ? (1u << (valid - c)) - 1 : 0);
               const __mmask16 keys1 = two ? keys : 0;
-              const __m512 p0 = _mm512_maskz_mov_ps(keys, exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s0 + c), vsc, shift0)));
+              const __m512 p0 = _mm512_maskz_mov_ps(keys, exp2_ps<T>(_mm512_fmsub_ps(_mm512_loadu_ps(s0 + c), vsc, shift0)));
               const __m512 p1 = _mm512_maskz_mov_ps(
-                  keys1, exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(keys1, s0 + kBlockK + c), vsc, shift1)));
+                  keys1, exp2_ps<T>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(keys1, s0 + kBlockK + c), vsc, shift1)));
               const __m512 ds0 = _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dp0 + c), rd0));
               const __m512 ds1 = _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_maskz_loadu_ps(keys1, dp0 + kBlockK + c), rd1));
-              _mm512_storeu_si512(Ppairs.data() + r / 2 * kBlockK + c, pair_bf16(p0, p1));
-              _mm512_storeu_si512(dSpairs.data() + r / 2 * kBlockK + c, pair_bf16(ds0, ds1));
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dS.data() + r * kBlockK + c), to_bf16(ds0));
-              if (two) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dS.data() + (r + 1) * kBlockK + c), to_bf16(ds1));
+              store_row_pair(Ppairs.data(), r, c, p0, p1, two, T());
+              store_row_pair(dSpairs.data(), r, c, ds0, ds1, two, T());
+              store16(dS.data() + r * kBlockK + c, ds0);
+              if (two) store16(dS.data() + (r + 1) * kBlockK + c, ds1);
             }
           }
-          gemm<true>(bk, Dp / kLanes, reinterpret_cast<const bf16*>(Ppairs.data()), 2, 2 * kBlockK,
-                     dOc.data() + i0 / 2 * kLanes, Lqp / 2 * kLanes, bq2 / 2, dv_acc.data(), Dp);
-          gemm<true>(bk, Dp / kLanes, reinterpret_cast<const bf16*>(dSpairs.data()), 2, 2 * kBlockK,
-                     Qc.data() + i0 / 2 * kLanes, Lqp / 2 * kLanes, bq2 / 2, dk_acc.data(), Dp);
-          gemm<true>(bq, Dp / kLanes, dS.data(), kBlockK, 2, Kc.data() + j0 / 2 * kLanes, Lkp / 2 * kLanes, bk / 2,
-                     dq_acc.data() + i0 * Dp, Dp);
+          gemm<T, true>(bk, Dp / kLanes, reinterpret_cast<const T*>(Ppairs.data()), U, U * kBlockK,
+                        dOc.data() + i0 / U * kLanes, Lqp / U * kLanes, bqu / U, dv_acc.data(), Dp);
+          gemm<T, true>(bk, Dp / kLanes, reinterpret_cast<const T*>(dSpairs.data()), U, U * kBlockK,
+                        Qc.data() + i0 / U * kLanes, Lqp / U * kLanes, bqu / U, dk_acc.data(), Dp);
+          gemm<T, true>(bq, Dp / kLanes, dS.data(), kBlockK, U, Kc.data() + j0 / U * kLanes, Lkp / U * kLanes,
+                        bk / U, dq_acc.data() + i0 * Dp, Dp);
         }
         for (int64_t c = 0; c < valid; ++c) {
-          store_bf16_row(dk_acc.data() + c * Dp, D, sc, dK + b * dk.stride(0) + h * dk.stride(1) + (j0 + c) * dk.stride(2));
-          store_bf16_row(dv_acc.data() + c * Dp, D, 1.0f, dV + b * dv.stride(0) + h * dv.stride(1) + (j0 + c) * dv.stride(2));
+          store_row(dk_acc.data() + c * Dp, D, sc, dK + b * dk.stride(0) + h * dk.stride(1) + (j0 + c) * dk.stride(2));
+          store_row(dv_acc.data() + c * Dp, D, 1.0f, dV + b * dv.stride(0) + h * dv.stride(1) + (j0 + c) * dv.stride(2));
         }
       }
       for (int64_t i = 0; i < Lq; ++i)
-        store_bf16_row(dq_acc.data() + i * Dp, D, sc, dQ + b * dq.stride(0) + h * dq.stride(1) + i * dq.stride(2));
+        store_row(dq_acc.data() + i * Dp, D, sc, dQ + b * dq.stride(0) + h * dq.stride(1) + i * dq.stride(2));
     }
   });
   return {dq, dk, dv};
 }
 
+}  // namespace
+
+std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  check(q, q, "q"); check(k, q, "k"); check(v, q, "v");
+  return q.scalar_type() == at::kFloat ? forward_impl<float>(q, k, v, scale) : forward_impl<bf16>(q, k, v, scale);
+}
+
+std::vector<at::Tensor> attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& o, const at::Tensor& lse, const at::Tensor& dout,
+                                           double scale) {
+  check(q, q, "q"); check(k, q, "k"); check(v, q, "v"); check(o, q, "out"); check(dout, q, "grad_out");
+  return q.scalar_type() == at::kFloat ? backward_impl<float>(q, k, v, o, lse, dout, scale)
+                                       : backward_impl<bf16>(q, k, v, o, lse, dout, scale);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &attention_forward, "bf16 attention forward: (out, logsumexp)");
-  m.def("backward", &attention_backward, "bf16 attention backward: (dq, dk, dv)");
+  m.def("forward", &attention_forward, "attention forward (bf16 or fp32): (out, logsumexp)");
+  m.def("backward", &attention_backward, "attention backward (bf16 or fp32): (dq, dk, dv)");
 }

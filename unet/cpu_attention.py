@@ -1,7 +1,7 @@
-"""bf16 attention on CPUs with AVX-512 BF16: builds cpu_attention.cpp once (cached) and wraps it for autograd.
+"""Attention on CPUs with AVX-512 BF16: builds cpu_attention.cpp once (cached) and wraps it for autograd.
 
 `attention(q, k, v)` equals `F.scaled_dot_product_attention(q, k, v)` (default scale 1/sqrt(d), no mask) for
-bf16 CPU tensors shaped [batch, heads, tokens, d]; `usable(q, k, v)` says whether this kernel takes them. When the
+bf16 or float32 CPU tensors shaped [batch, heads, tokens, d]; `usable(q, k, v)` says whether this kernel takes them. When the
 CPU lacks AVX-512 BF16 or the build fails (no compiler), `usable` is False and callers keep PyTorch's kernel.
 Set SD_LORA_CPU_ATTENTION=0 to turn it off, SD_LORA_EXT_DIR to move the build cache.
 """
@@ -65,9 +65,15 @@ def _load():
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.ndim == 4
-            and q.shape[-1] % 2 == 0 and q.shape[-1] <= MAX_HEAD_DIM and k.shape[-2] > 0
-            and _load() is not None)
+    if q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype or q.ndim != 4 or k.shape[-2] == 0:
+        return False
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
+        return False  # no broadcasting over batch or heads, one head size for q, k and v
+    if q.dtype == torch.bfloat16:
+        fits = q.shape[-1] % 2 == 0  # bf16 products are summed in pairs along the head dimension
+    else:
+        fits = q.dtype == torch.float32
+    return fits and q.shape[-1] <= MAX_HEAD_DIM and _load() is not None
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -88,7 +94,7 @@ class _Attention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        return tuple(_ext.backward(q, k, v, out, lse, _unit_last(grad.to(torch.bfloat16)), ctx.scale))
+        return tuple(_ext.backward(q, k, v, out, lse, _unit_last(grad.to(q.dtype)), ctx.scale))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
