@@ -240,7 +240,16 @@ def test_bf16_close_to_fp32(name):
     assert rel < 0.05, rel
 
 
-def test_gradient_checkpointing_same_grads():
+@pytest.mark.parametrize("min_pixels", [0, 100])
+def test_gradient_checkpointing_same_grads(monkeypatch, min_pixels):
+    """Same gradients with and without checkpointing; blocks over fewer than CHECKPOINT_MIN_PIXELS latent pixels
+    are not checkpointed (0: all are; 100: on 16x16 latents only the 16x16 level is)."""
+    from unet import model as unet_model
+
+    monkeypatch.setattr(unet_model, "CHECKPOINT_MIN_PIXELS", min_pixels)
+    calls = []
+    real = unet_model.checkpoint
+    monkeypatch.setattr(unet_model, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
     cfg = UNetConfig.tiny_sd1()
     model = randomize(UNetModel(cfg)).train()
     x, t, c = inputs(cfg)
@@ -251,7 +260,14 @@ def test_gradient_checkpointing_same_grads():
         model(x, t, c).square().mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    plain, ckpt = grads(False), grads(True)
+    plain = grads(False)
+    assert not calls
+    ckpt = grads(True)
+    blocks = [m for m in model.modules() if isinstance(m, (unet_model.ResBlock, unet_model.BasicTransformerBlock))]
+    if min_pixels == 0:
+        assert len(calls) == len(blocks)
+    else:
+        assert 0 < len(calls) < len(blocks)  # the deeper levels (8x8 and below) kept their activations
     assert plain.keys() == ckpt.keys()
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)

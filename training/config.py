@@ -70,7 +70,8 @@ class TrainConfig:
     # --- precision and memory
     precision: str = opt("auto", "fp32, bf16 (autocast, no scaler) or fp16 (fp16 weights, fp32 LoRA params, GradScaler; CUDA); "
                                  "auto: bf16 on CPU and bf16-capable GPUs, else fp16")
-    gradient_checkpointing: bool = opt(False, "recompute UNet block activations in backward to save memory")
+    gradient_checkpointing: bool = opt(False, "recompute UNet block activations in backward to save memory "
+                                              "(blocks over fewer than 256 latent pixels keep theirs)")
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto")
 
     # --- full fine-tuning

@@ -109,6 +109,9 @@ MATMUL_CONV = True
 FROZEN_CONV = True
 POINTWISE_PROJ = True
 CPU_ATTENTION = True
+# With gradient checkpointing, blocks whose input has fewer latent pixels than this keep their activations
+# (UNetModel._run); 0 checkpoints every block.
+CHECKPOINT_MIN_PIXELS = 256
 
 
 def norm(channels: int, eps: float = 1e-5) -> GroupNorm32:
@@ -373,7 +376,11 @@ class UNetModel(nn.Module):
 
     def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,
              context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        return block(h, emb, context, size, checkpointed=self.gradient_checkpointing and self.training)
+        # Deep blocks over few pixels hold little activation memory but run weight-bound products (large weights,
+        # few columns); recomputing them would cost time and save next to nothing, so they keep their activations.
+        checkpointed = (self.gradient_checkpointing and self.training
+                        and h.shape[-2] * h.shape[-1] >= CHECKPOINT_MIN_PIXELS)
+        return block(h, emb, context, size, checkpointed=checkpointed)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
