@@ -38,8 +38,6 @@ inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 template <typename T> constexpr int kPack = 2;
 template <> constexpr int kPack<float> = 1;
 
-inline float to_f(bf16 x) { uint32_t u = static_cast<uint32_t>(x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-inline float to_f(float x) { return x; }
 
 // C[r, 16n + l] (+)= Σ_p  A[r·lda + p·pstride + {0,1}] · B[n·bstride + 16p + l][{0,1}]   (bf16: pairs)
 // C[r, 16n + l] (+)= Σ_p  A[r·lda + p·pstride] · B[n·bstride + 16p + l]                  (fp32)
@@ -116,17 +114,8 @@ void gemm(int64_t rows, int64_t groups, const T* A, int64_t lda, int64_t pstride
   }
 }
 
-inline uint32_t unit_of(bf16 lo, bf16 hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); }
-inline uint32_t unit_of(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
-
-// The 32-bit unit p of a row (elements p·kPack ...), zero past `len` elements.
-inline uint32_t unit_at(const bf16* row, int64_t p, int64_t len) {
-  return unit_of(2 * p < len ? row[2 * p] : bf16(0), 2 * p + 1 < len ? row[2 * p + 1] : bf16(0));
-}
-inline uint32_t unit_at(const float* row, int64_t p, int64_t len) { return p < len ? unit_of(row[p]) : 0u; }
-
 // X [n rows × d] (row stride ld) as the right operand of X·Zᵀ products (rows become output columns):
-// out[g][p][l] = unit p of row 16g+l; rows past n are zero. Size: round_up(n,16) · d/kPack units.
+// out[g][p][l] = unit p of row 16g+l (elements p·kPack ...); rows past n are zero. Size: round_up(n,16) · d/kPack.
 template <typename T>
 void pack_rows(const T* X, int64_t n, int64_t d, int64_t ld, uint32_t* out) {
   const int64_t groups = round_up(n, kLanes) / kLanes, units = d / kPack<T>;
@@ -134,8 +123,22 @@ void pack_rows(const T* X, int64_t n, int64_t d, int64_t ld, uint32_t* out) {
     for (int64_t l = 0; l < kLanes; ++l) {
       const int64_t row = g * kLanes + l;
       uint32_t* dst = out + g * units * kLanes + l;
-      for (int64_t p = 0; p < units; ++p) dst[p * kLanes] = row < n ? unit_at(X + row * ld, p, d) : 0u;
+      if (row < n) {
+        const T* src = X + row * ld;
+        for (int64_t p = 0; p < units; ++p) std::memcpy(dst + p * kLanes, src + p * kPack<T>, sizeof(uint32_t));
+      } else {
+        for (int64_t p = 0; p < units; ++p) dst[p * kLanes] = 0;
+      }
     }
+}
+
+// 16 columns of a row (the first as many as the mask has; zeros after, or everywhere for a missing row) as
+// 32-bit lanes.
+inline __m512i lanes_of(const bf16* row, __mmask16 k) {
+  return row ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, row)) : _mm512_setzero_si512();
+}
+inline __m512i lanes_of(const float* row, __mmask16 k) {
+  return row ? _mm512_castps_si512(_mm512_maskz_loadu_ps(k, row)) : _mm512_setzero_si512();
 }
 
 // X [n rows × d] (row stride ld) as the right operand of Z·X products (rows are summed over): unit p of column c
@@ -146,13 +149,28 @@ void pack_cols(const T* X, int64_t n, int64_t d, int64_t ld, int64_t npad, uint3
   for (int64_t p = 0; p < units; ++p) {
     const T* r0 = kPack<T> * p < n ? X + kPack<T> * p * ld : nullptr;
     const T* r1 = kPack<T> == 2 && 2 * p + 1 < n ? X + (2 * p + 1) * ld : nullptr;
-    for (int64_t c = 0; c < groups * kLanes; ++c) {
-      uint32_t u;
-      if constexpr (kPack<T> == 2) u = unit_of((r0 && c < d) ? r0[c] : bf16(0), (r1 && c < d) ? r1[c] : bf16(0));
-      else u = (r0 && c < d) ? unit_of(r0[c]) : 0u;
-      out[(c / kLanes) * units * kLanes + p * kLanes + (c % kLanes)] = u;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c = g * kLanes, left = std::min<int64_t>(kLanes, d - c);
+      const __mmask16 k = static_cast<__mmask16>(left >= kLanes ? 0xFFFF : (1u << left) - 1);
+      __m512i u = lanes_of(r0 ? r0 + c : nullptr, k);
+      if constexpr (kPack<T> == 2) u = _mm512_or_si512(u, _mm512_slli_epi32(lanes_of(r1 ? r1 + c : nullptr, k), 16));
+      _mm512_storeu_si512(out + g * units * kLanes + p * kLanes, u);
     }
   }
+}
+
+// Σ x[c]·y[c] over c < d, in fp32.
+template <typename T>
+inline float dot(const T* x, const T* y, int64_t d) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; c += kLanes) {
+    const int64_t left = std::min<int64_t>(kLanes, d - c);
+    const __mmask16 k = static_cast<__mmask16>(left >= kLanes ? 0xFFFF : (1u << left) - 1);
+    __m512i xi = lanes_of(x + c, k), yi = lanes_of(y + c, k);
+    if constexpr (kPack<T> == 2) xi = _mm512_slli_epi32(xi, 16), yi = _mm512_slli_epi32(yi, 16);  // bf16 -> fp32
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(xi), _mm512_castsi512_ps(yi), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
 }
 
 // 2^x for x ≤ 0, split into an integer power (scalef) and a polynomial on [-0.5, 0.5]. For bf16, degree 4
@@ -367,11 +385,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
       pack_cols(K.at(b, h), Lk, D, K.sl, Lkp, Kc.data());
       pack_cols(q_h, Lq, D, Q.sl, Lqp, Qc.data());
       pack_cols(do_h, Lq, D, dO.sl, Lqp, dOc.data());
-      for (int64_t i = 0; i < Lq; ++i) {  // rowsum(dO ∘ O), the softmax's correction term
-        float s = 0.0f;
-        for (int64_t c = 0; c < D; ++c) s += to_f(do_h[i * dO.sl + c]) * to_f(o_h[i * O.sl + c]);
-        rowdot[i] = s;
-      }
+      for (int64_t i = 0; i < Lq; ++i) rowdot[i] = dot(do_h + i * dO.sl, o_h + i * O.sl, D);  // rowsum(dO ∘ O)
       std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
       const float* lse_h = LSE + bh * Lq;
 
