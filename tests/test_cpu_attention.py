@@ -1,4 +1,4 @@
-"""Tests for unet/cpu_attention: our bf16/fp32 attention kernel against PyTorch's, and the fallback when it can't run."""
+"""Tests for unet/cpu_attention: our bf16/fp32 attention kernel against PyTorch's, and the fallback."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Attention on CPUs with AVX-512 BF16: builds cpu_attention.cpp once (cached) and wraps it for autograd.
 
 `attention(q, k, v)` equals `F.scaled_dot_product_attention(q, k, v)` (default scale 1/sqrt(d), no mask) for
-bf16 or float32 CPU tensors shaped [batch, heads, tokens, d]; `usable(q, k, v)` says whether this kernel takes them. When the
-CPU lacks AVX-512 BF16 or the build fails (no compiler), `usable` is False and callers keep PyTorch's kernel.
+bf16 or float32 CPU tensors shaped [batch, heads, tokens, d]; `usable(q, k, v)` says whether this kernel takes them.
+When the CPU lacks AVX-512 BF16 or the build fails (no compiler), `usable` is False and callers keep PyTorch's kernel.
 Set SD_LORA_CPU_ATTENTION=0 to turn it off, SD_LORA_EXT_DIR to move the build cache.
 """
 
@@ -51,13 +51,13 @@ def _load():
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob("*.so")):
-        print(f"building the bf16 CPU attention kernel once (about a minute), cached in {directory}",
+        print(f"building the CPU attention kernel once (about a minute), cached in {directory}",
               file=sys.stderr, flush=True)
     try:
-        _ext = cpp_extension.load(name="sd_lora_cpu_attention", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                                  build_directory=str(directory), verbose=False)
+        _ext = cpp_extension.load(name="sd_lora_cpu_attention", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                                  extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
     except Exception as e:  # no compiler, no ninja, odd toolchain: keep PyTorch's attention
-        warnings.warn(f"bf16 CPU attention kernel not built ({type(e).__name__}: {str(e)[:200]}); "
+        warnings.warn(f"CPU attention kernel not built ({type(e).__name__}: {str(e)[:200]}); "
                       "using PyTorch's attention instead", stacklevel=3)
         return None
     _state = "ready"
@@ -100,5 +100,5 @@ class _Attention(torch.autograd.Function):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q·kᵀ/sqrt(d))·v per batch and head; call only where usable(q, k, v)."""
     if _load() is None:
-        raise RuntimeError("the bf16 CPU attention kernel is not available on this machine (see usable())")
+        raise RuntimeError("the CPU attention kernel is not available on this machine (see usable())")
     return _Attention.apply(q, k, v)

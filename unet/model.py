@@ -103,8 +103,8 @@ class Conv2d(nn.Conv2d):
 
 
 # Set False to always use the library conv (for A/B timing and memory); POINTWISE_PROJ: SD1's transformer
-# projections as per-token linear maps (SpatialTransformer.forward); CPU_ATTENTION: our bf16 attention kernel
-# where the CPU has AVX-512 BF16 (CrossAttention.forward).
+# projections as per-token linear maps (SpatialTransformer.forward); CPU_ATTENTION: our attention kernel (bf16 and
+# float32) where the CPU has AVX-512 BF16 (CrossAttention.forward).
 MATMUL_CONV = True
 FROZEN_CONV = True
 POINTWISE_PROJ = True
@@ -157,8 +157,8 @@ class CrossAttention(nn.Module):
             rearrange(t, "b n (h d) -> b h n d", h=self.heads)
             for t in (self.to_q(x), self.to_k(context), self.to_v(context))
         )
-        # Default scale is dim_head ** -0.5, as in the original. In bf16 on CPUs with AVX-512 BF16 our own kernel
-        # (cpu_attention.cpp) does the same sum about twice as fast as PyTorch's for SD's head sizes.
+        # Default scale is dim_head ** -0.5, as in the original. On CPUs with AVX-512 BF16 our own kernel
+        # (cpu_attention.cpp) does the same sum, in bf16 about twice as fast as PyTorch's for SD's head sizes.
         if CPU_ATTENTION and cpu_attention.usable(q, k, v):
             out = cpu_attention.attention(q, k, v)
         else:
