@@ -32,6 +32,11 @@ constexpr int kBlockK = 128; // keys per block (a multiple of kLanes)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// A mask of the first `count` of 16 lanes (none for count ≤ 0, all for count ≥ 16).
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= kLanes ? 0xFFFF : count <= 0 ? 0 : static_cast<__mmask16>((1u << count) - 1);
+}
+
 inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 
 // Elements are bf16 (two per 32-bit unit: products summed in pairs by vdpbf16ps) or fp32 (one per unit: FMA).
@@ -150,8 +155,8 @@ void pack_cols(const T* X, int64_t n, int64_t d, int64_t ld, int64_t npad, uint3
     const T* r0 = kPack<T> * p < n ? X + kPack<T> * p * ld : nullptr;
     const T* r1 = kPack<T> == 2 && 2 * p + 1 < n ? X + (2 * p + 1) * ld : nullptr;
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t c = g * kLanes, left = std::min<int64_t>(kLanes, d - c);
-      const __mmask16 k = static_cast<__mmask16>(left >= kLanes ? 0xFFFF : (1u << left) - 1);
+      const int64_t c = g * kLanes;
+      const __mmask16 k = first_lanes(d - c);
       __m512i u = lanes_of(r0 ? r0 + c : nullptr, k);
       if constexpr (kPack<T> == 2) u = _mm512_or_si512(u, _mm512_slli_epi32(lanes_of(r1 ? r1 + c : nullptr, k), 16));
       _mm512_storeu_si512(out + g * units * kLanes + p * kLanes, u);
@@ -164,8 +169,7 @@ template <typename T>
 inline float dot(const T* x, const T* y, int64_t d) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t c = 0; c < d; c += kLanes) {
-    const int64_t left = std::min<int64_t>(kLanes, d - c);
-    const __mmask16 k = static_cast<__mmask16>(left >= kLanes ? 0xFFFF : (1u << left) - 1);
+    const __mmask16 k = first_lanes(d - c);
     __m512i xi = lanes_of(x + c, k), yi = lanes_of(y + c, k);
     if constexpr (kPack<T> == 2) xi = _mm512_slli_epi32(xi, 16), yi = _mm512_slli_epi32(yi, 16);  // bf16 -> fp32
     acc = _mm512_fmadd_ps(_mm512_castsi512_ps(xi), _mm512_castsi512_ps(yi), acc);
@@ -216,11 +220,11 @@ inline __m512i pair_bf16(__m512 lo, __m512 hi) {
 // 16 values (the first `count`) into a row of T.
 inline void store16(bf16* dst, __m512 v, int64_t count = kLanes) {
   if (count >= kLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), to_bf16(v));
-  else _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << count) - 1), to_bf16(v));
+  else _mm256_mask_storeu_epi16(dst, first_lanes(count), to_bf16(v));
 }
 inline void store16(float* dst, __m512 v, int64_t count = kLanes) {
   if (count >= kLanes) _mm512_storeu_ps(dst, v);
-  else _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << count) - 1), v);
+  else _mm512_mask_storeu_ps(dst, first_lanes(count), v);
 }
 
 // Rows r and r+1 of a block (hi absent: zeros) into a buffer of units whose unit p, column c is at p·kBlockK + c:
@@ -238,9 +242,7 @@ template <typename T>
 inline void store_row(const float* src, int64_t n, float mul, T* dst) {
   const __m512 m = _mm512_set1_ps(mul);
   for (int64_t c = 0; c < n; c += kLanes) {
-    const int64_t left = std::min<int64_t>(kLanes, n - c);
-    const __mmask16 k = static_cast<__mmask16>(left >= kLanes ? 0xFFFF : (1u << left) - 1);
-    store16(dst + c, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, src + c), m), left);
+    store16(dst + c, _mm512_mul_ps(_mm512_maskz_loadu_ps(first_lanes(n - c), src + c), m), n - c);
   }
 }
 
@@ -410,8 +412,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
             const __m512 shift1 = _mm512_set1_ps(two ? lse_h[i0 + r + 1] * kLog2e : 0.0f);
             const __m512 rd1 = _mm512_set1_ps(two ? rowdot[i0 + r + 1] : 0.0f);
             for (int64_t c = 0; c < bk; c += kLanes) {
-              const __mmask16 keys = c + kLanes <= valid ? 0xFFFF
-                                     : static_cast<__mmask16>(c < valid ? (1u << (valid - c)) - 1 : 0);
+              const __mmask16 keys = first_lanes(valid - c);
               const __mmask16 keys1 = two ? keys : 0;
               const __m512 p0 =
                   _mm512_maskz_mov_ps(keys, exp2_ps<T>(_mm512_fmsub_ps(_mm512_loadu_ps(s0 + c), vsc, shift0)));

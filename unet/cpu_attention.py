@@ -85,7 +85,7 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         scale = q.shape[-1] ** -0.5
-        out, lse = _load().forward(q, k, v, scale)
+        out, lse = _ext.forward(q, k, v, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         return out
