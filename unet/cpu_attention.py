@@ -9,16 +9,13 @@ Set SD_LORA_CPU_ATTENTION=0 to turn it off, SD_LORA_EXT_DIR to move the build ca
 from __future__ import annotations
 
 import os
-import sys
-import warnings
 from pathlib import Path
 
 import torch
 
+from . import cpu_build
+
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
-# -fopenmp: at::parallel_for is a header template that is serial unless the extension itself is built with
-# OpenMP; the library it links is the libgomp torch has already loaded.
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 MAX_HEAD_DIM = 256
 
 _ext = None
@@ -26,41 +23,20 @@ _state = "untried"  # untried | ready | off
 
 
 def _cpu_has_avx512_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to ask, so stay with PyTorch's kernel
-        return False
-    return "avx512_bf16" in flags.split() and "avx512bw" in flags.split()
-
-
-def build_dir() -> Path:
-    default = Path.home() / ".cache" / "sd-lora" / f"ext-torch{torch.__version__.replace('+', '_')}"
-    return Path(os.environ.get("SD_LORA_EXT_DIR", default))
+    return cpu_build.cpu_has_avx512_bf16()
 
 
 def _load():
-    """The compiled module, building it the first time (about a minute); None where it can't be had."""
+    """The compiled module, building it the first time (under a minute); None where it can't be had."""
     global _ext, _state
     if _state != "untried":
         return _ext
     _state = "off"
     if os.environ.get("SD_LORA_CPU_ATTENTION", "1") == "0" or not _cpu_has_avx512_bf16():
         return None
-    from torch.utils import cpp_extension
-
-    directory = build_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob("*.so")):
-        print(f"building the CPU attention kernel once (about a minute), cached in {directory}",
-              file=sys.stderr, flush=True)
-    try:
-        _ext = cpp_extension.load(name="sd_lora_cpu_attention", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                                  extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
-    except Exception as e:  # no compiler, no ninja, odd toolchain: keep PyTorch's attention
-        warnings.warn(f"CPU attention kernel not built ({type(e).__name__}: {str(e)[:200]}); "
-                      "using PyTorch's attention instead", stacklevel=3)
-        return None
-    _state = "ready"
+    _ext = cpu_build.build("sd_lora_cpu_attention", SOURCE, "CPU attention kernel")
+    if _ext is not None:
+        _state = "ready"
     return _ext
 
 

@@ -1,0 +1,147 @@
+"""Tests for unet/winograd: float32 3x3 convs by Winograd F(4x4, 3x3) against F.conv2d, and when they are used."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unet import model as unet_model
+from unet import winograd
+
+needs_kernel = pytest.mark.skipif(winograd._load() is None, reason="Winograd kernel not built on this machine")
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,c,k,h,w", [
+    (2, 24, 40, 30, 30),   # sides not a multiple of the 4x4 output tile
+    (1, 16, 16, 32, 20),   # multiples
+    (3, 5, 7, 9, 13),      # odd everything
+    (1, 8, 3, 1, 1),       # one pixel: all padding
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_conv2d(n, c, k, h, w, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=g)
+    weight = torch.randn(k, c, 3, 3, generator=g) / (3 * c ** 0.5)
+    b = torch.randn(k, generator=g) if bias else None
+    exact = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    direct = F.conv2d(x, weight, b, padding=1)
+    ours = winograd.conv3x3(x, weight, b)
+    assert ours.shape == exact.shape and ours.dtype == torch.float32
+    # F(4x4, 3x3) rounds about 10x more than a direct fp32 conv; bf16 would be near 3e-3
+    assert rel_rms(ours, exact) < max(20 * rel_rms(direct, exact), 1e-5)
+
+
+@needs_kernel
+def test_output_channels_in_several_blocks(monkeypatch):
+    """Filters are transformed a block of output channels at a time; a short last block included."""
+    monkeypatch.setattr(winograd, "BLOCK_FLOATS", 36 * 24 * 32)  # 32 output channels per block: 32 + 32 + 6
+    g = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(2, 24, 17, 23, generator=g), torch.randn(70, 24, 3, 3, generator=g)
+    b = torch.randn(70, generator=g)
+    exact = F.conv2d(x.double(), weight.double(), b.double(), padding=1)
+    assert rel_rms(winograd.conv3x3(x, weight, b), exact) < 1e-5
+
+
+@needs_kernel
+def test_backward_gives_the_input_gradient_only():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 12, 19, 26, generator=g, requires_grad=True)
+    weight, b = torch.randn(20, 12, 3, 3, generator=g), torch.randn(20, generator=g)
+    grad = torch.randn(2, 20, 19, 26, generator=g)
+    winograd.conv3x3(x, weight, b).backward(grad)
+    exact = torch.nn.grad.conv2d_input(x.shape, weight.double(), grad.double(), padding=1)
+    assert rel_rms(x.grad, exact) < 1e-5
+
+    trainable = weight.clone().requires_grad_()
+    with pytest.raises(ValueError, match="no weight or bias gradient"):
+        winograd.conv3x3(x, trainable, b)
+    with torch.no_grad():  # sampling with a model whose weights are being trained elsewhere is fine
+        assert rel_rms(winograd.conv3x3(x, trainable, b), F.conv2d(x.double(), weight.double(), b.double(),
+                                                                  padding=1)) < 1e-5
+
+
+def test_usable_only_for_float32_stride1_same_padding_and_enough_tiles():
+    conv = unet_model.Conv2d(32, 32, 3, padding=1)
+    big = torch.zeros(2, 32, 32, 32)  # 2 · 8 · 8 = 128 tiles
+    expected = winograd._load() is not None
+    assert winograd.usable(big, conv) == expected
+    assert not winograd.usable(torch.zeros(1, 32, 32, 32), conv)           # 64 tiles: oneDNN is faster
+    assert not winograd.usable(big.bfloat16(), conv.to(torch.bfloat16))    # float32 only
+    assert not winograd.usable(big, unet_model.Conv2d(32, 32, 3, stride=2, padding=1))
+    assert not winograd.usable(big, unet_model.Conv2d(32, 32, 1))
+    assert not winograd.usable(torch.zeros(2, 4, 32, 32), unet_model.Conv2d(4, 32, 3, padding=1))  # few channels
+
+
+@needs_kernel
+def test_unet_conv_takes_the_winograd_path_when_frozen_or_without_grad(monkeypatch):
+    calls = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(3)
+    conv = unet_model.Conv2d(32, 48, 3, padding=1)
+    x = torch.randn(2, 32, 32, 32, requires_grad=True)
+    reference = F.conv2d(x.detach().double(), conv.weight.detach().double(), conv.bias.detach().double(), padding=1)
+
+    y = conv(x)  # trainable weight with grad on: the library conv, so the weight gets its gradient
+    assert not calls
+    y.sum().backward()
+    assert conv.weight.grad is not None
+
+    with torch.no_grad():
+        assert rel_rms(conv(x), reference) < 1e-5
+    assert len(calls) == 1
+
+    conv.requires_grad_(False)
+    x.grad = None
+    conv(x).sum().backward()
+    assert len(calls) == 2 and x.grad is not None
+
+    monkeypatch.setattr(unet_model, "WINOGRAD_CONV", False)
+    with torch.no_grad():
+        conv(x)
+    assert len(calls) == 2
+
+
+def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
+    """No compiler (or any build error): one warning, then the library conv."""
+    from torch.utils import cpp_extension
+
+    def fail(**kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(winograd, "_state", "untried")
+    monkeypatch.setattr(winograd, "_ext", None)
+    monkeypatch.setattr(winograd.cpu_build, "cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setenv("SD_LORA_EXT_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    conv = unet_model.Conv2d(32, 32, 3, padding=1)
+    x = torch.zeros(2, 32, 32, 32)
+    with pytest.warns(UserWarning, match="Winograd conv kernel not built.*no compiler here"):
+        assert not winograd.usable(x, conv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not winograd.usable(x, conv)  # tried once per process
+        with torch.no_grad():
+            assert conv(x).shape == x.shape
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setattr(winograd, "_state", "untried")
+    monkeypatch.setattr(winograd, "_ext", None)
+    monkeypatch.setenv("SD_LORA_WINOGRAD", "0")
+    assert not winograd.usable(torch.zeros(2, 32, 32, 32), unet_model.Conv2d(32, 32, 3, padding=1))
+    with pytest.raises(RuntimeError, match="not available"):
+        winograd.conv3x3(torch.zeros(1, 8, 4, 4), torch.zeros(8, 8, 3, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conv = unet_model.Conv2d(32, 32, 3, padding=1)
+        with torch.no_grad():
+            assert conv(torch.zeros(2, 32, 32, 32)).shape == (2, 32, 32, 32)  # the library conv

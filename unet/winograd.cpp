@@ -1,0 +1,206 @@
+// 3x3 convolutions (stride 1, zero padding 1) in float32 by Winograd's minimal filtering F(4x4, 3x3).
+//
+// Each 4x4 block of outputs needs a 6x6 patch of input. In the transformed domain the 3x3 filter and the patch
+// become 6x6 arrays whose elementwise product, transformed back, is the 4x4 output block:
+//     Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A
+// Summed over input channels, each of the 36 positions of that product is an ordinary matrix product
+//     M[p] = U[p] · V[p]      U[p]: (out channels × in channels),  V[p]: (in channels × tiles)
+// so the work is 36 GEMMs with 36/16 = 2.25 multiplies per output instead of 9: 4x fewer. The transforms are
+// additions with small constants (points 0, ±1, ±2, ∞). Rounding grows by about 10x over a direct fp32 conv
+// (tests/test_winograd.py measures it); that is still about 1000x below bf16's.
+//
+// Layout: V holds every tile of the whole batch ([36][C][tiles], at most a few tens of MB at SD's sizes);
+// the output channels go in blocks, so that the transformed filters of one block ([36][block][C]) and its
+// products stay small and come back from the allocator without fresh pages.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int kTile = 4;   // outputs per tile side
+constexpr int kPatch = 6;  // inputs per tile side
+constexpr int kPos = kPatch * kPatch;
+
+// Bᵀ·d for one column of six values; the rows of Bᵀ are those of F(4x4, 3x3) with points 0, ±1, ±2.
+template <typename Get, typename Put>
+inline void input_1d(Get d, Put out) {
+  const float d0 = d(0), d1 = d(1), d2 = d(2), d3 = d(3), d4 = d(4), d5 = d(5);
+  out(0, 4 * d0 - 5 * d2 + d4);
+  out(1, -4 * (d1 + d2) + d3 + d4);
+  out(2, 4 * (d1 - d2) - d3 + d4);
+  out(3, 2 * (d3 - d1) - d2 + d4);
+  out(4, 2 * (d1 - d3) - d2 + d4);
+  out(5, 4 * d1 - 5 * d3 + d5);
+}
+
+// G·g for one column of three filter taps.
+inline void filter_1d(float g0, float g1, float g2, float* u) {
+  u[0] = g0 * 0.25f;
+  u[1] = -(g0 + g1 + g2) * (1.f / 6);
+  u[2] = -(g0 - g1 + g2) * (1.f / 6);
+  u[3] = g0 * (1.f / 24) + g1 * (1.f / 12) + g2 * (1.f / 6);
+  u[4] = g0 * (1.f / 24) - g1 * (1.f / 12) + g2 * (1.f / 6);
+  u[5] = g2;
+}
+
+// Aᵀ·m for one column of six values, over n tiles at once (vectorizes along the tiles).
+inline void output_1d(const float* m0, const float* m1, const float* m2, const float* m3, const float* m4,
+                      const float* m5, float* y0, float* y1, float* y2, float* y3, int n, float bias) {
+  for (int j = 0; j < n; ++j) {
+    const float p12 = m1[j] + m2[j], d12 = m1[j] - m2[j], p34 = m3[j] + m4[j], d34 = m3[j] - m4[j];
+    y0[j] = m0[j] + p12 + p34 + bias;
+    y1[j] = d12 + 2 * d34 + bias;
+    y2[j] = p12 + 4 * p34 + bias;
+    y3[j] = d12 + 8 * d34 + m5[j] + bias;
+  }
+}
+
+// V[p][c][tile] for every channel and tile of the batch. Tiles are numbered image by image, row by row.
+void transform_input(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, float* V) {
+  const int64_t th = (H + kTile - 1) / kTile, tw = (W + kTile - 1) / kTile, T = N * th * tw;
+  const int64_t padded = kTile * tw + 2;
+  at::parallel_for(0, N * C, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> rows(kPatch * padded), mixed(kPatch * kPatch * tw);  // mixed[r][q][j]
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / C, c = b % C;
+      const float* plane = x + b * H * W;
+      for (int64_t i = 0; i < th; ++i) {
+        // the six padded input rows this tile row reads
+        for (int r = 0; r < kPatch; ++r) {
+          float* dst = rows.data() + r * padded;
+          const int64_t src = kTile * i + r - 1;
+          std::fill(dst, dst + padded, 0.f);
+          if (src >= 0 && src < H) std::copy(plane + src * W, plane + src * W + W, dst + 1);
+        }
+        // along each row: the six columns of every tile
+        for (int r = 0; r < kPatch; ++r) {
+          const float* row = rows.data() + r * padded;
+          float* out = mixed.data() + r * kPatch * tw;
+          for (int64_t j = 0; j < tw; ++j)
+            input_1d([&](int k) { return row[kTile * j + k]; }, [&](int q, float v) { out[q * tw + j] = v; });
+        }
+        // down the columns: the six rows, into the 36 planes
+        const int64_t base = (n * th + i) * tw;
+        for (int q = 0; q < kPatch; ++q) {
+          for (int64_t j = 0; j < tw; ++j)
+            input_1d([&](int r) { return mixed[(r * kPatch + q) * tw + j]; },
+                     [&](int p, float v) { V[((p * kPatch + q) * C + c) * T + base + j] = v; });
+        }
+      }
+    }
+  });
+}
+
+// U[p][k - k0][c] for output channels [k0, k1). `transposed`: the filter of the backward pass, w[c][k] flipped.
+void transform_filters(const float* w, int64_t K, int64_t C, int64_t k0, int64_t k1, bool transposed, float* U) {
+  const int64_t block = k1 - k0;
+  at::parallel_for(0, block, 1, [&](int64_t a0, int64_t a1) {
+    std::vector<float> planes(kPos * C);  // planes[p][c] for one output channel, copied out row by row
+    for (int64_t a = a0; a < a1; ++a) {
+      const int64_t k = k0 + a;
+      for (int64_t c = 0; c < C; ++c) {
+        float g[9];
+        if (!transposed) {
+          std::copy(w + (k * C + c) * 9, w + (k * C + c) * 9 + 9, g);
+        } else {  // weight stored as [C_out_fwd = c][C_in_fwd = k]: take it rotated by 180 degrees
+          const float* src = w + (c * K + k) * 9;
+          for (int t = 0; t < 9; ++t) g[t] = src[8 - t];
+        }
+        float cols[3][kPatch];  // G·g, column by column
+        for (int s = 0; s < 3; ++s) filter_1d(g[s], g[3 + s], g[6 + s], cols[s]);
+        for (int p = 0; p < kPatch; ++p) {
+          float u[kPatch];
+          filter_1d(cols[0][p], cols[1][p], cols[2][p], u);
+          for (int q = 0; q < kPatch; ++q) planes[(p * kPatch + q) * C + c] = u[q];
+        }
+      }
+      for (int pq = 0; pq < kPos; ++pq)
+        std::copy(planes.data() + pq * C, planes.data() + (pq + 1) * C, U + (pq * block + a) * C);
+    }
+  });
+}
+
+// y[n][k] from M[p][k - k0][tile] for output channels [k0, k1).
+void transform_output(const float* M, const float* bias, int64_t N, int64_t K, int64_t H, int64_t W, int64_t k0,
+                      int64_t k1, float* y) {
+  const int64_t th = (H + kTile - 1) / kTile, tw = (W + kTile - 1) / kTile, T = N * th * tw;
+  const int64_t block = k1 - k0;
+  at::parallel_for(0, block * N, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> half(kTile * kPatch * tw), out(kTile * tw);  // half[s][q][j]: Aᵀ applied down the columns
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t a = b / N, n = b % N, k = k0 + a;
+      const float bv = bias ? bias[k] : 0.f;
+      float* plane = y + (n * K + k) * H * W;
+      for (int64_t i = 0; i < th; ++i) {
+        const int64_t base = (n * th + i) * tw;
+        for (int q = 0; q < kPatch; ++q) {
+          const float* m[kPatch];
+          for (int p = 0; p < kPatch; ++p) m[p] = M + ((p * kPatch + q) * block + a) * T + base;
+          float* h = half.data() + q * tw;
+          const int64_t s = kPatch * tw;
+          output_1d(m[0], m[1], m[2], m[3], m[4], m[5], h, h + s, h + 2 * s, h + 3 * s, tw, 0.f);
+        }
+        for (int s = 0; s < kTile; ++s) {
+          const int64_t r = kTile * i + s;
+          if (r >= H) break;
+          const float* h = half.data() + s * kPatch * tw;
+          float* o = out.data();
+          output_1d(h, h + tw, h + 2 * tw, h + 3 * tw, h + 4 * tw, h + 5 * tw, o, o + tw, o + 2 * tw, o + 3 * tw,
+                    tw, bv);
+          float* dst = plane + r * W;
+          for (int64_t col = 0; col < W; ++col) dst[col] = out[(col % kTile) * tw + col / kTile];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// conv2d(x, w, bias, stride=1, padding=1) for float32 x [N, C, H, W] and w [K, C, 3, 3]; with transposed=true,
+// w is [C, K, 3, 3] and the result is the input gradient of that conv (conv_transpose2d(x, w, padding=1)).
+torch::Tensor conv3x3(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, bool transposed,
+                      int64_t block) {
+  TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3, "conv3x3: 4-d input, 3x3 filters");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "conv3x3: float32 only");
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t K = transposed ? w.size(1) : w.size(0);
+  TORCH_CHECK((transposed ? w.size(0) : w.size(1)) == C, "conv3x3: filter and input channels differ");
+  const float* bp = nullptr;
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == K, "conv3x3: one bias per output channel");
+    bp = b.data_ptr<float>();
+  }
+  const int64_t T = N * ((H + kTile - 1) / kTile) * ((W + kTile - 1) / kTile);
+  auto y = at::empty({N, K, H, W}, x.options());
+  auto V = at::empty({kPos, C, T}, x.options());
+  transform_input(x.data_ptr<float>(), N, C, H, W, V.data_ptr<float>());
+  block = std::max<int64_t>(1, std::min(block, K));
+  auto U = at::empty({kPos, block, C}, x.options());
+  auto M = at::empty({kPos, block, T}, x.options());
+  for (int64_t k0 = 0; k0 < K; k0 += block) {
+    const int64_t k1 = std::min(K, k0 + block), nb = k1 - k0;
+    auto u = U.narrow(1, 0, nb);
+    auto m = M.narrow(1, 0, nb);
+    if (nb != block) {  // last, short block: contiguous views of the same storage
+      u = U.flatten().narrow(0, 0, kPos * nb * C).view({kPos, nb, C});
+      m = M.flatten().narrow(0, 0, kPos * nb * T).view({kPos, nb, T});
+    }
+    transform_filters(w.data_ptr<float>(), transposed ? w.size(1) : K, C, k0, k1, transposed, u.data_ptr<float>());
+    at::bmm_out(m, u, V);
+    transform_output(m.data_ptr<float>(), bp, N, K, H, W, k0, k1, y.data_ptr<float>());
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("conv3x3", &conv3x3, "3x3 stride-1 zero-padded conv (or its input gradient) by Winograd F(4x4, 3x3)");
+}
