@@ -40,9 +40,9 @@ def test_forward_matches_conv2d(n, c, k, h, w, bias):
 
 
 @needs_kernel
-def test_output_channels_in_several_blocks(monkeypatch):
-    """Filters are transformed a block of output channels at a time; a short last block included."""
-    monkeypatch.setattr(winograd, "BLOCK_FLOATS", 36 * 24 * 32)  # 32 output channels per block: 32 + 32 + 6
+def test_tiles_in_chunks_and_output_channels_in_blocks(monkeypatch):
+    """Tiles go in chunks of tile rows and filters in blocks of output channels; short last ones included."""
+    monkeypatch.setattr(winograd, "BUDGET_FLOATS", 36 * 24 * 32)  # 32 channels per block (32 + 32 + 6), 5 tile rows
     g = torch.Generator().manual_seed(1)
     x, weight = torch.randn(2, 24, 17, 23, generator=g), torch.randn(70, 24, 3, 3, generator=g)
     b = torch.randn(70, generator=g)

@@ -9,9 +9,10 @@
 // additions with small constants (points 0, ±1, ±2, ∞). Rounding grows by about 10x over a direct fp32 conv
 // (tests/test_winograd.py measures it); that is still about 1000x below bf16's.
 //
-// Layout: V holds every tile of the whole batch ([36][C][tiles], at most a few tens of MB at SD's sizes);
-// the output channels go in blocks, so that the transformed filters of one block ([36][block][C]) and its
-// products stay small and come back from the allocator without fresh pages.
+// Layout: tiles are numbered image by image, row by row, and go in chunks of whole tile rows; output channels go
+// in blocks. The transformed tiles of a chunk ([36][C][chunk]), the transformed filters of a block
+// ([36][block][C]) and their products stay a few MB each, so that they come back from the allocator's heap
+// rather than as fresh pages (each 4 KiB page faulted in costs more than the arithmetic on it).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -59,37 +60,35 @@ inline void output_1d(const float* m0, const float* m1, const float* m2, const f
   }
 }
 
-// V[p][c][tile] for every channel and tile of the batch. Tiles are numbered image by image, row by row.
-void transform_input(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, float* V) {
-  const int64_t th = (H + kTile - 1) / kTile, tw = (W + kTile - 1) / kTile, T = N * th * tw;
+// V[p][c][t] for tile rows [r0, r1) of the batch (tile row r = image r / th, row r % th), t counted from r0.
+void transform_input(const float* x, int64_t C, int64_t H, int64_t W, int64_t r0, int64_t r1, float* V) {
+  const int64_t th = (H + kTile - 1) / kTile, tw = (W + kTile - 1) / kTile, T = (r1 - r0) * tw;
   const int64_t padded = kTile * tw + 2;
-  at::parallel_for(0, N * C, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, C * (r1 - r0), 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> rows(kPatch * padded), mixed(kPatch * kPatch * tw);  // mixed[r][q][j]
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / C, c = b % C;
-      const float* plane = x + b * H * W;
-      for (int64_t i = 0; i < th; ++i) {
-        // the six padded input rows this tile row reads
-        for (int r = 0; r < kPatch; ++r) {
-          float* dst = rows.data() + r * padded;
-          const int64_t src = kTile * i + r - 1;
-          std::fill(dst, dst + padded, 0.f);
-          if (src >= 0 && src < H) std::copy(plane + src * W, plane + src * W + W, dst + 1);
-        }
-        // along each row: the six columns of every tile
-        for (int r = 0; r < kPatch; ++r) {
-          const float* row = rows.data() + r * padded;
-          float* out = mixed.data() + r * kPatch * tw;
-          for (int64_t j = 0; j < tw; ++j)
-            input_1d([&](int k) { return row[kTile * j + k]; }, [&](int q, float v) { out[q * tw + j] = v; });
-        }
-        // down the columns: the six rows, into the 36 planes
-        const int64_t base = (n * th + i) * tw;
-        for (int q = 0; q < kPatch; ++q) {
-          for (int64_t j = 0; j < tw; ++j)
-            input_1d([&](int r) { return mixed[(r * kPatch + q) * tw + j]; },
-                     [&](int p, float v) { V[((p * kPatch + q) * C + c) * T + base + j] = v; });
-        }
+      const int64_t c = b / (r1 - r0), tr = r0 + b % (r1 - r0), n = tr / th, i = tr % th;
+      const float* plane = x + (n * C + c) * H * W;
+      // the six padded input rows this tile row reads
+      for (int r = 0; r < kPatch; ++r) {
+        float* dst = rows.data() + r * padded;
+        const int64_t src = kTile * i + r - 1;
+        std::fill(dst, dst + padded, 0.f);
+        if (src >= 0 && src < H) std::copy(plane + src * W, plane + src * W + W, dst + 1);
+      }
+      // along each row: the six columns of every tile
+      for (int r = 0; r < kPatch; ++r) {
+        const float* row = rows.data() + r * padded;
+        float* out = mixed.data() + r * kPatch * tw;
+        for (int64_t j = 0; j < tw; ++j)
+          input_1d([&](int k) { return row[kTile * j + k]; }, [&](int q, float v) { out[q * tw + j] = v; });
+      }
+      // down the columns: the six rows, into the 36 planes
+      const int64_t base = (tr - r0) * tw;
+      for (int q = 0; q < kPatch; ++q) {
+        for (int64_t j = 0; j < tw; ++j)
+          input_1d([&](int r) { return mixed[(r * kPatch + q) * tw + j]; },
+                   [&](int p, float v) { V[((p * kPatch + q) * C + c) * T + base + j] = v; });
       }
     }
   });
@@ -124,36 +123,34 @@ void transform_filters(const float* w, int64_t K, int64_t C, int64_t k0, int64_t
   });
 }
 
-// y[n][k] from M[p][k - k0][tile] for output channels [k0, k1).
-void transform_output(const float* M, const float* bias, int64_t N, int64_t K, int64_t H, int64_t W, int64_t k0,
-                      int64_t k1, float* y) {
-  const int64_t th = (H + kTile - 1) / kTile, tw = (W + kTile - 1) / kTile, T = N * th * tw;
-  const int64_t block = k1 - k0;
-  at::parallel_for(0, block * N, 1, [&](int64_t b0, int64_t b1) {
+// y[n][k] for output channels [k0, k1) and tile rows [r0, r1), from M[p][k - k0][t].
+void transform_output(const float* M, const float* bias, int64_t K, int64_t H, int64_t W, int64_t k0, int64_t k1,
+                      int64_t r0, int64_t r1, float* y) {
+  const int64_t th = (H + kTile - 1) / kTile, tw = (W + kTile - 1) / kTile, T = (r1 - r0) * tw;
+  const int64_t block = k1 - k0, nrows = r1 - r0;
+  at::parallel_for(0, block * nrows, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> half(kTile * kPatch * tw), out(kTile * tw);  // half[s][q][j]: Aᵀ applied down the columns
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t a = b / N, n = b % N, k = k0 + a;
+      const int64_t a = b / nrows, tr = r0 + b % nrows, n = tr / th, i = tr % th, k = k0 + a;
       const float bv = bias ? bias[k] : 0.f;
       float* plane = y + (n * K + k) * H * W;
-      for (int64_t i = 0; i < th; ++i) {
-        const int64_t base = (n * th + i) * tw;
-        for (int q = 0; q < kPatch; ++q) {
-          const float* m[kPatch];
-          for (int p = 0; p < kPatch; ++p) m[p] = M + ((p * kPatch + q) * block + a) * T + base;
-          float* h = half.data() + q * tw;
-          const int64_t s = kPatch * tw;
-          output_1d(m[0], m[1], m[2], m[3], m[4], m[5], h, h + s, h + 2 * s, h + 3 * s, tw, 0.f);
-        }
-        for (int s = 0; s < kTile; ++s) {
-          const int64_t r = kTile * i + s;
-          if (r >= H) break;
-          const float* h = half.data() + s * kPatch * tw;
-          float* o = out.data();
-          output_1d(h, h + tw, h + 2 * tw, h + 3 * tw, h + 4 * tw, h + 5 * tw, o, o + tw, o + 2 * tw, o + 3 * tw,
-                    tw, bv);
-          float* dst = plane + r * W;
-          for (int64_t col = 0; col < W; ++col) dst[col] = out[(col % kTile) * tw + col / kTile];
-        }
+      const int64_t base = (tr - r0) * tw;
+      for (int q = 0; q < kPatch; ++q) {
+        const float* m[kPatch];
+        for (int p = 0; p < kPatch; ++p) m[p] = M + ((p * kPatch + q) * block + a) * T + base;
+        float* h = half.data() + q * tw;
+        const int64_t s = kPatch * tw;
+        output_1d(m[0], m[1], m[2], m[3], m[4], m[5], h, h + s, h + 2 * s, h + 3 * s, tw, 0.f);
+      }
+      for (int s = 0; s < kTile; ++s) {
+        const int64_t r = kTile * i + s;
+        if (r >= H) break;
+        const float* h = half.data() + s * kPatch * tw;
+        float* o = out.data();
+        output_1d(h, h + tw, h + 2 * tw, h + 3 * tw, h + 4 * tw, h + 5 * tw, o, o + tw, o + 2 * tw, o + 3 * tw, tw,
+                  bv);
+        float* dst = plane + r * W;
+        for (int64_t col = 0; col < W; ++col) dst[col] = out[(col % kTile) * tw + col / kTile];
       }
     }
   });
@@ -163,8 +160,9 @@ void transform_output(const float* M, const float* bias, int64_t N, int64_t K, i
 
 // conv2d(x, w, bias, stride=1, padding=1) for float32 x [N, C, H, W] and w [K, C, 3, 3]; with transposed=true,
 // w is [C, K, 3, 3] and the result is the input gradient of that conv (conv_transpose2d(x, w, padding=1)).
+// `budget`: floats per buffer, which sets the tile chunk and the output-channel block.
 torch::Tensor conv3x3(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, bool transposed,
-                      int64_t block) {
+                      int64_t budget) {
   TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3, "conv3x3: 4-d input, 3x3 filters");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "conv3x3: float32 only");
   x = x.contiguous();
@@ -179,24 +177,26 @@ torch::Tensor conv3x3(torch::Tensor x, torch::Tensor w, c10::optional<torch::Ten
     TORCH_CHECK(b.numel() == K, "conv3x3: one bias per output channel");
     bp = b.data_ptr<float>();
   }
-  const int64_t T = N * ((H + kTile - 1) / kTile) * ((W + kTile - 1) / kTile);
   auto y = at::empty({N, K, H, W}, x.options());
-  auto V = at::empty({kPos, C, T}, x.options());
-  transform_input(x.data_ptr<float>(), N, C, H, W, V.data_ptr<float>());
-  block = std::max<int64_t>(1, std::min(block, K));
-  auto U = at::empty({kPos, block, C}, x.options());
-  auto M = at::empty({kPos, block, T}, x.options());
-  for (int64_t k0 = 0; k0 < K; k0 += block) {
-    const int64_t k1 = std::min(K, k0 + block), nb = k1 - k0;
-    auto u = U.narrow(1, 0, nb);
-    auto m = M.narrow(1, 0, nb);
-    if (nb != block) {  // last, short block: contiguous views of the same storage
-      u = U.flatten().narrow(0, 0, kPos * nb * C).view({kPos, nb, C});
-      m = M.flatten().narrow(0, 0, kPos * nb * T).view({kPos, nb, T});
+  if (y.numel() == 0) return y;
+  const int64_t th = (H + kTile - 1) / kTile, tw = (W + kTile - 1) / kTile, rows = N * th;
+  const int64_t chunk = std::clamp<int64_t>(budget / (kPos * C * tw), 1, rows);  // tile rows per chunk
+  const int64_t block = std::clamp<int64_t>(budget / (kPos * C), 32, K);         // output channels per block
+  auto V = at::empty({kPos * C * chunk * tw}, x.options());
+  auto U = at::empty({kPos * block * C}, x.options());
+  auto M = at::empty({kPos * block * chunk * tw}, x.options());
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t r1 = std::min(rows, r0 + chunk), T = (r1 - r0) * tw;
+    transform_input(x.data_ptr<float>(), C, H, W, r0, r1, V.data_ptr<float>());
+    auto v = V.narrow(0, 0, kPos * C * T).view({kPos, C, T});
+    for (int64_t k0 = 0; k0 < K; k0 += block) {
+      const int64_t k1 = std::min(K, k0 + block), nb = k1 - k0;
+      auto u = U.narrow(0, 0, kPos * nb * C).view({kPos, nb, C});
+      auto m = M.narrow(0, 0, kPos * nb * T).view({kPos, nb, T});
+      transform_filters(w.data_ptr<float>(), K, C, k0, k1, transposed, u.data_ptr<float>());
+      at::bmm_out(m, u, v);
+      transform_output(m.data_ptr<float>(), bp, K, H, W, k0, k1, r0, r1, y.data_ptr<float>());
     }
-    transform_filters(w.data_ptr<float>(), transposed ? w.size(1) : K, C, k0, k1, transposed, u.data_ptr<float>());
-    at::bmm_out(m, u, V);
-    transform_output(m.data_ptr<float>(), bp, N, K, H, W, k0, k1, y.data_ptr<float>());
   }
   return y;
 }

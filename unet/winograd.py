@@ -22,9 +22,10 @@ SOURCE = Path(__file__).with_name("winograd.cpp")
 # Below this many 4x4 output tiles per call (batch · h/4 · w/4) the 36 products are too thin to beat oneDNN:
 # measured on a 2-core Zen 4, 320-640 channels. 64x64 latents (512 px) give 256 tiles per image, 32x32 give 64.
 MIN_TILES = 128
-# Floats in one block of transformed filters ([36, output-channel block, in channels]): 16 MB at most, so the
-# buffer comes back from the allocator's heap instead of fresh pages (a page fault per 4 KiB is dear here).
-BLOCK_FLOATS = 4 << 20
+# Floats per work buffer (transformed tiles of a chunk, transformed filters of an output-channel block, their
+# products): 24 MB each, under glibc's 32 MiB mmap ceiling, so that they come back from the heap instead of as
+# fresh pages. SD's UNet convs at 512 px then take one chunk; the VAE's at 256-512 pixels take several.
+BUDGET_FLOATS = 6 << 20
 
 _ext = None
 _state = "untried"  # untried | ready | off
@@ -59,17 +60,13 @@ class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(weight)
-        return _ext.conv3x3(x, weight, bias, False, _block(weight.shape[0], weight.shape[1]))
+        return _ext.conv3x3(x, weight, bias, False, BUDGET_FLOATS)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors  # the input gradient is a conv of grad with the filters rotated and swapped
-        return _ext.conv3x3(grad.float(), weight, None, True, _block(weight.shape[1], weight.shape[0])), None, None
-
-
-def _block(out_channels: int, in_channels: int) -> int:
-    return max(32, min(out_channels, BLOCK_FLOATS // (36 * in_channels)))
+        return _ext.conv3x3(grad.float(), weight, None, True, BUDGET_FLOATS), None, None
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
