@@ -68,10 +68,14 @@ def test_backward_gives_the_input_gradient_only():
                                                                   padding=1)) < 1e-5
 
 
-def test_usable_only_for_float32_stride1_same_padding_and_enough_tiles():
+def test_usable_only_for_frozen_float32_stride1_same_padding_and_enough_tiles():
     conv = unet_model.Conv2d(32, 32, 3, padding=1)
     big = torch.zeros(2, 32, 32, 32)  # 2 · 8 · 8 = 128 tiles
     expected = winograd._load() is not None
+    assert not winograd.usable(big, conv)  # a trainable weight, autograd on: it needs the library conv's gradient
+    with torch.no_grad():
+        assert winograd.usable(big, conv) == expected
+    conv.requires_grad_(False)
     assert winograd.usable(big, conv) == expected
     assert not winograd.usable(torch.zeros(1, 32, 32, 32), conv)           # 64 tiles: oneDNN is faster
     assert not winograd.usable(big.bfloat16(), conv.to(torch.bfloat16))    # float32 only
@@ -122,7 +126,7 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setattr(winograd.cpu_build, "cpu_has_avx512_bf16", lambda: True)
     monkeypatch.setenv("SD_LORA_EXT_DIR", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", fail)
-    conv = unet_model.Conv2d(32, 32, 3, padding=1)
+    conv = unet_model.Conv2d(32, 32, 3, padding=1).requires_grad_(False)
     x = torch.zeros(2, 32, 32, 32)
     with pytest.warns(UserWarning, match="Winograd conv kernel not built.*no compiler here"):
         assert not winograd.usable(x, conv)
@@ -137,7 +141,8 @@ def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setattr(winograd, "_state", "untried")
     monkeypatch.setattr(winograd, "_ext", None)
     monkeypatch.setenv("SD_LORA_WINOGRAD", "0")
-    assert not winograd.usable(torch.zeros(2, 32, 32, 32), unet_model.Conv2d(32, 32, 3, padding=1))
+    frozen = unet_model.Conv2d(32, 32, 3, padding=1).requires_grad_(False)
+    assert not winograd.usable(torch.zeros(2, 32, 32, 32), frozen)
     with pytest.raises(RuntimeError, match="not available"):
         winograd.conv3x3(torch.zeros(1, 8, 4, 4), torch.zeros(8, 8, 3, 3))
     with warnings.catch_warnings():
@@ -145,3 +150,19 @@ def test_switched_off_by_environment(monkeypatch):
         conv = unet_model.Conv2d(32, 32, 3, padding=1)
         with torch.no_grad():
             assert conv(torch.zeros(2, 32, 32, 32)).shape == (2, 32, 32, 32)  # the library conv
+
+
+@needs_kernel
+def test_vae_convs_take_the_winograd_path(monkeypatch):
+    from vae import model as vae_model
+
+    calls = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(4)
+    conv = vae_model.Conv2d(32, 16, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 32, 48, 48)  # 144 tiles
+    exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert rel_rms(conv(x), exact) < 1e-5 and len(calls) == 1
+    monkeypatch.setattr(vae_model, "WINOGRAD_CONV", False)
+    assert rel_rms(conv(x), exact) < 1e-6 and len(calls) == 1

@@ -80,7 +80,7 @@ class Conv2d(nn.Conv2d):
                 and (self.kernel_size[0] == 1 or x.shape[0] * x.shape[2] * x.shape[3] * 10 <= self.in_channels)):
             return self._matmul_forward(x)  # a frozen weight makes the matmul keep nothing but the weight
         frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-        if WINOGRAD_CONV and (frozen or not torch.is_grad_enabled()) and winograd.usable(x, self):
+        if WINOGRAD_CONV and winograd.usable(x, self):
             return winograd.conv3x3(x, self.weight, self.bias)
         if FROZEN_CONV and frozen and torch.is_grad_enabled() and x.requires_grad \
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str):

@@ -3,8 +3,9 @@
 `conv3x3(x, weight, bias)` equals `F.conv2d(x, weight, bias, padding=1)` for float32 CPU tensors, with about 10x
 the rounding error of a direct fp32 conv (a few 1e-6 relative; bf16 is at 1e-3). Its backward (input gradient
 only: the weight must be frozen, as in LoRA training) is the same transform on the rotated filters.
-`usable(x, conv)` says whether a conv layer may take this path: float32, 3x3, stride 1, zero padding 1, enough
-pixels for the 36 matrix products to beat oneDNN's direct conv, and the kernel built (see cpu_build.py).
+`usable(x, conv)` says whether a conv layer may take this path: float32, 3x3, stride 1, zero padding 1, no weight
+gradient wanted (frozen, or autograd off), enough pixels for the 36 matrix products to beat oneDNN's direct conv,
+and the kernel built (see cpu_build.py). The UNet's and the VAE's Conv2d layers ask it.
 Set SD_LORA_WINOGRAD=0 to turn it off.
 """
 
@@ -45,6 +46,9 @@ def _load():
 
 
 def usable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    trainable = conv.weight.requires_grad or (conv.bias is not None and conv.bias.requires_grad)
+    if trainable and torch.is_grad_enabled():
+        return False  # a fine-tune of the convs themselves: the library conv gives the weight gradient
     if x.device.type != "cpu" or x.dtype != torch.float32 or conv.weight.dtype != torch.float32 or x.ndim != 4:
         return False
     if not (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
