@@ -26,16 +26,20 @@ constexpr int kTile = 4;   // outputs per tile side
 constexpr int kPatch = 6;  // inputs per tile side
 constexpr int kPos = kPatch * kPatch;
 
-// Bᵀ·d for one column of six values; the rows of Bᵀ are those of F(4x4, 3x3) with points 0, ±1, ±2.
-template <typename Get, typename Put>
-inline void input_1d(Get d, Put out) {
-  const float d0 = d(0), d1 = d(1), d2 = d(2), d3 = d(3), d4 = d(4), d5 = d(5);
-  out(0, 4 * d0 - 5 * d2 + d4);
-  out(1, -4 * (d1 + d2) + d3 + d4);
-  out(2, 4 * (d1 - d2) - d3 + d4);
-  out(3, 2 * (d3 - d1) - d2 + d4);
-  out(4, 2 * (d1 - d3) - d2 + d4);
-  out(5, 4 * d1 - 5 * d3 + d5);
+// Bᵀ·d for one column of six values (d0..d5), over n tiles at once; the rows of Bᵀ are those of F(4x4, 3x3)
+// with points 0, ±1, ±2. Plain loops over contiguous arrays, which the compiler vectorizes.
+inline void input_1d(const float* d0, const float* d1, const float* d2, const float* d3, const float* d4,
+                     const float* d5, float* const* out, int64_t n) {
+  float *o0 = out[0], *o1 = out[1], *o2 = out[2], *o3 = out[3], *o4 = out[4], *o5 = out[5];
+  for (int64_t j = 0; j < n; ++j) {
+    const float a = d1[j], b = d2[j], c = d3[j], e = d4[j];
+    o0[j] = 4 * d0[j] - 5 * b + e;
+    o1[j] = -4 * (a + b) + c + e;
+    o2[j] = 4 * (a - b) - c + e;
+    o3[j] = 2 * (c - a) - b + e;
+    o4[j] = 2 * (a - c) - b + e;
+    o5[j] = 4 * a - 5 * c + d5[j];
+  }
 }
 
 // G·g for one column of three filter taps.
@@ -63,32 +67,37 @@ inline void output_1d(const float* m0, const float* m1, const float* m2, const f
 // V[p][c][t] for tile rows [r0, r1) of the batch (tile row r = image r / th, row r % th), t counted from r0.
 void transform_input(const float* x, int64_t C, int64_t H, int64_t W, int64_t r0, int64_t r1, float* V) {
   const int64_t th = (H + kTile - 1) / kTile, tw = (W + kTile - 1) / kTile, T = (r1 - r0) * tw;
-  const int64_t padded = kTile * tw + 2;
   at::parallel_for(0, C * (r1 - r0), 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> rows(kPatch * padded), mixed(kPatch * kPatch * tw);  // mixed[r][q][j]
+    // phase[k][j] = padded row at 4j + k (k < 4, j <= tw): tile j reads phases 0-3 at j and 0-1 at j + 1
+    std::vector<float> phase(kTile * (tw + 1)), mixed(kPatch * kPatch * tw);  // mixed[r][q][j]
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c = b / (r1 - r0), tr = r0 + b % (r1 - r0), n = tr / th, i = tr % th;
       const float* plane = x + (n * C + c) * H * W;
-      // the six padded input rows this tile row reads
+      // along each of the six input rows this tile row reads: the six columns of every tile
       for (int r = 0; r < kPatch; ++r) {
-        float* dst = rows.data() + r * padded;
         const int64_t src = kTile * i + r - 1;
-        std::fill(dst, dst + padded, 0.f);
-        if (src >= 0 && src < H) std::copy(plane + src * W, plane + src * W + W, dst + 1);
-      }
-      // along each row: the six columns of every tile
-      for (int r = 0; r < kPatch; ++r) {
-        const float* row = rows.data() + r * padded;
-        float* out = mixed.data() + r * kPatch * tw;
-        for (int64_t j = 0; j < tw; ++j)
-          input_1d([&](int k) { return row[kTile * j + k]; }, [&](int q, float v) { out[q * tw + j] = v; });
+        std::fill(phase.begin(), phase.end(), 0.f);
+        if (src >= 0 && src < H) {
+          const float* row = plane + src * W;
+          for (int64_t col = 0; col < W; ++col) {  // padded position col + 1
+            const int64_t at = col + 1;
+            phase[(at % kTile) * (tw + 1) + at / kTile] = row[col];
+          }
+        }
+        const float* ph = phase.data();
+        const int64_t s1 = tw + 1;
+        float* out[kPatch];
+        for (int q = 0; q < kPatch; ++q) out[q] = mixed.data() + (r * kPatch + q) * tw;
+        input_1d(ph, ph + s1, ph + 2 * s1, ph + 3 * s1, ph + 1, ph + s1 + 1, out, tw);
       }
       // down the columns: the six rows, into the 36 planes
       const int64_t base = (tr - r0) * tw;
       for (int q = 0; q < kPatch; ++q) {
-        for (int64_t j = 0; j < tw; ++j)
-          input_1d([&](int r) { return mixed[(r * kPatch + q) * tw + j]; },
-                   [&](int p, float v) { V[((p * kPatch + q) * C + c) * T + base + j] = v; });
+        const float* m = mixed.data() + q * tw;
+        const int64_t s6 = kPatch * tw;
+        float* out[kPatch];
+        for (int p = 0; p < kPatch; ++p) out[p] = V + ((p * kPatch + q) * C + c) * T + base;
+        input_1d(m, m + s6, m + 2 * s6, m + 3 * s6, m + 4 * s6, m + 5 * s6, out, tw);
       }
     }
   });
@@ -150,7 +159,15 @@ void transform_output(const float* M, const float* bias, int64_t K, int64_t H, i
         output_1d(h, h + tw, h + 2 * tw, h + 3 * tw, h + 4 * tw, h + 5 * tw, o, o + tw, o + 2 * tw, o + 3 * tw, tw,
                   bv);
         float* dst = plane + r * W;
-        for (int64_t col = 0; col < W; ++col) dst[col] = out[(col % kTile) * tw + col / kTile];
+        const float *o0 = out.data(), *o1 = o0 + tw, *o2 = o1 + tw, *o3 = o2 + tw;
+        const int64_t whole = W / kTile;
+        for (int64_t j = 0; j < whole; ++j) {
+          dst[4 * j] = o0[j];
+          dst[4 * j + 1] = o1[j];
+          dst[4 * j + 2] = o2[j];
+          dst[4 * j + 3] = o3[j];
+        }
+        for (int64_t col = kTile * whole; col < W; ++col) dst[col] = out[(col % kTile) * tw + whole];
       }
     }
   });
