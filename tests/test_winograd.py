@@ -14,6 +14,15 @@ from unet import winograd
 needs_kernel = pytest.mark.skipif(winograd._load() is None, reason="Winograd kernel not built on this machine")
 
 
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """One entry per call of winograd.conv3x3 (which still runs)."""
+    seen = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: seen.append(1) or real(*a))
+    return seen
+
+
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -68,30 +77,28 @@ def test_backward_gives_the_input_gradient_only():
                                                                   padding=1)) < 1e-5
 
 
-def test_usable_only_for_frozen_float32_stride1_same_padding_and_enough_tiles():
-    conv = unet_model.Conv2d(32, 32, 3, padding=1)
-    big = torch.zeros(2, 32, 32, 32)  # 2 · 8 · 8 = 128 tiles
+def test_usable_only_for_frozen_float32_stride1_same_padding_wide_and_enough_tiles():
+    conv = unet_model.Conv2d(128, 128, 3, padding=1)
+    big = torch.zeros(2, 128, 32, 32)  # 2 · 8 · 8 = 128 tiles
     expected = winograd._load() is not None
     assert not winograd.usable(big, conv)  # a trainable weight, autograd on: it needs the library conv's gradient
     with torch.no_grad():
         assert winograd.usable(big, conv) == expected
     conv.requires_grad_(False)
     assert winograd.usable(big, conv) == expected
-    assert not winograd.usable(torch.zeros(1, 32, 32, 32), conv)           # 64 tiles: oneDNN is faster
+    assert not winograd.usable(big[:1], conv)                               # 64 tiles: oneDNN is faster
     assert not winograd.usable(big.bfloat16(), conv.to(torch.bfloat16))    # float32 only
-    assert not winograd.usable(big, unet_model.Conv2d(32, 32, 3, stride=2, padding=1))
-    assert not winograd.usable(big, unet_model.Conv2d(32, 32, 1))
-    assert not winograd.usable(torch.zeros(2, 4, 32, 32), unet_model.Conv2d(4, 32, 3, padding=1))  # few channels
+    assert not winograd.usable(big, unet_model.Conv2d(128, 128, 3, stride=2, padding=1).requires_grad_(False))
+    assert not winograd.usable(big, unet_model.Conv2d(128, 128, 1).requires_grad_(False))
+    assert not winograd.usable(big, unet_model.Conv2d(128, 4, 3, padding=1).requires_grad_(False))  # few outputs
+    assert not winograd.usable(big[:, :64], unet_model.Conv2d(64, 128, 3, padding=1).requires_grad_(False))
 
 
 @needs_kernel
-def test_unet_conv_takes_the_winograd_path_when_frozen_or_without_grad(monkeypatch):
-    calls = []
-    real = winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
+def test_unet_conv_takes_the_winograd_path_when_frozen_or_without_grad(calls, monkeypatch):
     torch.manual_seed(3)
-    conv = unet_model.Conv2d(32, 48, 3, padding=1)
-    x = torch.randn(2, 32, 32, 32, requires_grad=True)
+    conv = unet_model.Conv2d(128, 128, 3, padding=1)
+    x = torch.randn(2, 128, 32, 32, requires_grad=True)
     reference = F.conv2d(x.detach().double(), conv.weight.detach().double(), conv.bias.detach().double(), padding=1)
 
     y = conv(x)  # trainable weight with grad on: the library conv, so the weight gets its gradient
@@ -126,8 +133,8 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setattr(winograd.cpu_build, "cpu_has_avx512_bf16", lambda: True)
     monkeypatch.setenv("SD_LORA_EXT_DIR", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", fail)
-    conv = unet_model.Conv2d(32, 32, 3, padding=1).requires_grad_(False)
-    x = torch.zeros(2, 32, 32, 32)
+    conv = unet_model.Conv2d(128, 128, 3, padding=1).requires_grad_(False)
+    x = torch.zeros(2, 128, 32, 32)
     with pytest.warns(UserWarning, match="Winograd conv kernel not built.*no compiler here"):
         assert not winograd.usable(x, conv)
     with warnings.catch_warnings():
@@ -141,8 +148,8 @@ def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setattr(winograd, "_state", "untried")
     monkeypatch.setattr(winograd, "_ext", None)
     monkeypatch.setenv("SD_LORA_WINOGRAD", "0")
-    frozen = unet_model.Conv2d(32, 32, 3, padding=1).requires_grad_(False)
-    assert not winograd.usable(torch.zeros(2, 32, 32, 32), frozen)
+    frozen = unet_model.Conv2d(128, 128, 3, padding=1).requires_grad_(False)
+    assert not winograd.usable(torch.zeros(2, 128, 32, 32), frozen)
     with pytest.raises(RuntimeError, match="not available"):
         winograd.conv3x3(torch.zeros(1, 8, 4, 4), torch.zeros(8, 8, 3, 3))
     with warnings.catch_warnings():
@@ -153,15 +160,12 @@ def test_switched_off_by_environment(monkeypatch):
 
 
 @needs_kernel
-def test_vae_convs_take_the_winograd_path(monkeypatch):
+def test_vae_convs_take_the_winograd_path(calls, monkeypatch):
     from vae import model as vae_model
 
-    calls = []
-    real = winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(4)
-    conv = vae_model.Conv2d(32, 16, 3, padding=1).requires_grad_(False)
-    x = torch.randn(1, 32, 48, 48)  # 144 tiles
+    conv = vae_model.Conv2d(128, 128, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 128, 48, 48)  # 144 tiles
     exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
     assert rel_rms(conv(x), exact) < 1e-5 and len(calls) == 1
     monkeypatch.setattr(vae_model, "WINOGRAD_CONV", False)

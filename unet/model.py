@@ -71,7 +71,7 @@ class Conv2d(nn.Conv2d):
       Other devices keep the library conv.
     - With a frozen weight, backward keeps the weight only (_FrozenConv2d), on every device.
     - On CPU in float32, frozen 3x3 convs over many pixels (SD's 320-640-channel convs at 32x32 and up) run by
-      Winograd F(4x4, 3x3) (winograd.py): 1.6-1.9x faster than oneDNN's direct conv there, forward and backward,
+      Winograd F(4x4, 3x3) (winograd.py): 1.5-2x faster than oneDNN's direct conv there, forward and backward,
       at about 10x the rounding error of a direct fp32 conv (still 1000x below bf16's).
     """
 

@@ -20,9 +20,12 @@ from torch import nn
 from . import cpu_build
 
 SOURCE = Path(__file__).with_name("winograd.cpp")
-# Below this many 4x4 output tiles per call (batch · h/4 · w/4) the 36 products are too thin to beat oneDNN:
-# measured on a 2-core Zen 4, 320-640 channels. 64x64 latents (512 px) give 256 tiles per image, 32x32 give 64.
+# Below this many 4x4 output tiles per call (batch · h/4 · w/4), or this many input or output channels, the 36
+# products are too thin to beat oneDNN (measured on a 2-core Zen 4: 128 channels at 32x32, batch 2, is about even;
+# 32-64 channels lose at any size, as do SD's 320->4 output conv and the convs into and out of the VAE's pixels).
+# 64x64 latents (512 px) give 256 tiles per image, 32x32 give 64.
 MIN_TILES = 128
+MIN_CHANNELS = 128
 # Floats per work buffer (transformed tiles of a chunk, transformed filters of an output-channel block, their
 # products): 24 MB each, under glibc's 32 MiB mmap ceiling, so that they come back from the heap instead of as
 # fresh pages. SD's UNet convs at 512 px then take one chunk; the VAE's at 256-512 pixels take several.
@@ -55,7 +58,8 @@ def usable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"):
         return False
     tiles = x.shape[0] * ((x.shape[2] + 3) // 4) * ((x.shape[3] + 3) // 4)
-    return tiles >= MIN_TILES and conv.in_channels >= 16 and _load() is not None
+    wide = min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+    return tiles >= MIN_TILES and wide and _load() is not None
 
 
 class _Conv3x3(torch.autograd.Function):
