@@ -4,8 +4,8 @@
 the rounding error of a direct fp32 conv (a few 1e-6 relative; bf16 is at 1e-3). Its backward (input gradient
 only: the weight must be frozen, as in LoRA training) is the same transform on the rotated filters.
 `usable(x, conv)` says whether a conv layer may take this path: float32, 3x3, stride 1, zero padding 1, no weight
-gradient wanted (frozen, or autograd off), enough pixels for the 36 matrix products to beat oneDNN's direct conv,
-and the kernel built (see cpu_build.py). The UNet's and the VAE's Conv2d layers ask it.
+gradient wanted (frozen, or autograd off), enough pixels and channels for the 36 matrix products to beat oneDNN's
+direct conv, and the kernel built (see cpu_build.py). The UNet's and the VAE's Conv2d layers ask it.
 Set SD_LORA_WINOGRAD=0 to turn it off.
 """
 
@@ -36,6 +36,7 @@ _state = "untried"  # untried | ready | off
 
 
 def _load():
+    """The compiled module, building it the first time; None where it can't be had (as for cpu_attention)."""
     global _ext, _state
     if _state != "untried":
         return _ext
