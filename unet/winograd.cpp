@@ -198,10 +198,13 @@ torch::Tensor conv3x3(torch::Tensor x, torch::Tensor w, c10::optional<torch::Ten
   if (y.numel() == 0) return y;
   const int64_t th = (H + kTile - 1) / kTile, tw = (W + kTile - 1) / kTile, rows = N * th;
   const int64_t chunk = std::clamp<int64_t>(budget / (kPos * C * tw), 1, rows);  // tile rows per chunk
-  const int64_t block = std::clamp<int64_t>(budget / (kPos * C), 32, K);         // output channels per block
+  const int64_t block = std::min(K, std::max<int64_t>(32, budget / (kPos * C)));  // output channels per block
   auto V = at::empty({kPos * C * chunk * tw}, x.options());
   auto U = at::empty({kPos * block * C}, x.options());
   auto M = at::empty({kPos * block * chunk * tw}, x.options());
+  // With one block the filters are transformed once; with several, each block's are redone per chunk of tiles.
+  const bool one_block = block == K;
+  if (one_block) transform_filters(w.data_ptr<float>(), K, C, 0, K, transposed, U.data_ptr<float>());
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t r1 = std::min(rows, r0 + chunk), T = (r1 - r0) * tw;
     transform_input(x.data_ptr<float>(), C, H, W, r0, r1, V.data_ptr<float>());
@@ -210,7 +213,7 @@ torch::Tensor conv3x3(torch::Tensor x, torch::Tensor w, c10::optional<torch::Ten
       const int64_t k1 = std::min(K, k0 + block), nb = k1 - k0;
       auto u = U.narrow(0, 0, kPos * nb * C).view({kPos, nb, C});
       auto m = M.narrow(0, 0, kPos * nb * T).view({kPos, nb, T});
-      transform_filters(w.data_ptr<float>(), K, C, k0, k1, transposed, u.data_ptr<float>());
+      if (!one_block) transform_filters(w.data_ptr<float>(), K, C, k0, k1, transposed, u.data_ptr<float>());
       at::bmm_out(m, u, v);
       transform_output(m.data_ptr<float>(), bp, K, H, W, k0, k1, r0, r1, y.data_ptr<float>());
     }
