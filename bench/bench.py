@@ -4,6 +4,7 @@
     python bench/bench.py                         # every case, 256 and 512 px
     python bench/bench.py --cases train-bf16-256,sample-bf16-512 --steps 5
     python bench/bench.py --quick --threads 1 --steps 5 # on a shared machine (see bench/README.md)
+    python bench/bench.py --device cuda           # on a GPU: adds fp16 train cases, 20 timed steps a side
 
 Each side of each case runs in its own process (bench/worker.py), so peak memory (ru_maxrss; on CUDA
 max_memory_allocated) is that side's alone. The driver alternates the two processes step by step (ours, ref,
@@ -49,10 +50,15 @@ FULL = ["train-fp32-256", "train-bf16-256", "train-bf16gc-256", "train-fp32-512"
         "vae_dec-fp32-512", "vae_dec-bf16-512"]
 
 
+# fp16 is for GPUs without bf16 (a T4): fp16 weights, fp32 LoRA factors and a GradScaler on both sides.
+PRECISIONS = ("fp32", "bf16", "bf16gc", "fp16", "fp16gc")
+CUDA_EXTRA = ["train-fp16-512", "train-fp16gc-512"]
+
+
 @dataclass
 class Case:
     kind: str        # train, sample, vae_enc, vae_dec
-    precision: str   # fp32, bf16, bf16gc (bf16 with gradient checkpointing)
+    precision: str   # fp32, bf16, fp16; bf16gc / fp16gc: with gradient checkpointing
     res: int
     batch: int = 1
 
@@ -63,9 +69,10 @@ class Case:
             case = cls(kind, precision, int(res))
         except ValueError:
             raise SystemExit(f"bad case {text!r}: expected KIND-PRECISION-RES, e.g. train-bf16-256") from None
-        if kind not in ("train", "sample", "vae_enc", "vae_dec") or precision not in ("fp32", "bf16", "bf16gc"):
-            raise SystemExit(f"bad case {text!r}: kind in train/sample/vae_enc/vae_dec, precision in fp32/bf16/bf16gc")
-        if precision == "bf16gc" and kind != "train":
+        if kind not in ("train", "sample", "vae_enc", "vae_dec") or precision not in PRECISIONS:
+            raise SystemExit(f"bad case {text!r}: kind in train/sample/vae_enc/vae_dec, "
+                             f"precision in {'/'.join(PRECISIONS)}")
+        if precision.endswith("gc") and kind != "train":
             raise SystemExit(f"bad case {text!r}: checkpointing applies to train only")
         if kind == "sample":
             case.batch = 2  # classifier-free guidance: the conditional and unconditional passes in one batch
@@ -223,8 +230,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="256 px cases only")
     p.add_argument("--cases", default="", help="comma-separated KIND-PRECISION-RES, e.g. train-bf16-256")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per side and case")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per side and case (default: 3 on CPU, "
+                   "20 on CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per side first (default: 1 on CPU, "
+                   "3 on CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ckpt", type=Path, default=None, help="an SD1.5 .safetensors (default: a random one, made once)")
     p.add_argument("--compile", default="", help="torch.compile these sides: ours, ref or ours,ref")
@@ -241,8 +250,16 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
     p.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     args = p.parse_args()
+    cuda = args.device.startswith("cuda")
+    args.steps = args.steps if args.steps is not None else 20 if cuda else 3
+    args.warmup = args.warmup if args.warmup is not None else 3 if cuda else 1
+    names = args.cases.split(",") if args.cases else QUICK if args.quick else FULL + (CUDA_EXTRA if cuda else [])
+    cases = [Case.parse(c) for c in names]
+    if not cuda and any(c.precision.startswith("fp16") for c in cases):
+        raise SystemExit("fp16 cases are for CUDA: CPUs have no fast fp16 matmul (use bf16)")
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and {args.warmup}")
     args.ckpt = ensure_checkpoint(args.ckpt)
-    cases = [Case.parse(c) for c in (args.cases.split(",") if args.cases else QUICK if args.quick else FULL)]
 
     t0 = time.perf_counter()
     if args.threads:
@@ -272,8 +289,8 @@ def main() -> None:
         if args.device.startswith("cuda"):
             line += f"; ours {1 / r['ours']['median_s']:.2f} it/s, {r['ours']['cuda_peak_gb']:.2f} GB"
             if case.kind == "train":
-                est = estimate.expected_memory(case.res, case.batch, torch.bfloat16 if "bf16" in case.precision
-                                               else torch.float32, case.precision.endswith("gc"))
+                est = estimate.expected_memory(case.res, case.batch, torch.float32 if case.precision == "fp32"
+                                               else torch.bfloat16, case.precision.endswith("gc"))
                 line += f" (expected {est['total']:.2f} GB)"
         print(line, flush=True)
     print()

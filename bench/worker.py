@@ -69,6 +69,11 @@ def noise_and_timesteps(shape: torch.Size, index: int) -> tuple[torch.Tensor, to
     return noise, t
 
 
+def loss_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 trains with a GradScaler on both sides (as train.py and diffusers' scripts do); bf16 and fp32 need none."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
 def lora_init(ldm_paths: list[str], fan_in: dict[str, int], rank: int) -> dict[str, torch.Tensor]:
     """The same LoRA A factor for both sides, keyed by the LDM module path (B starts at zero on both)."""
     out = {}
@@ -128,13 +133,14 @@ def ours_train(args, device: torch.device):
     cfg = TrainConfig()  # no noise offset, no min-SNR weighting: the plain eps-MSE loss
     schedule = DDPMSchedule()
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = loss_scaler(dtype, device)
     x = inputs(args.res, args.batch, device, dtype)
     net = compiled(unet, inference=False) if args.compile else unet
 
     def step(index: int) -> float:
         loss = diffusion_loss(net, schedule, x["latents"], x["context"], SEED, index, cfg, autocast)
-        loss.backward()
-        optimizer_step(optimizer, None, params, MAX_GRAD_NORM)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        optimizer_step(optimizer, scaler, params, MAX_GRAD_NORM)
         return loss.item()
 
     return step, len(paths), sum(p.numel() for p in params)
@@ -283,6 +289,7 @@ def ref_train(args, device: torch.device):
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = loss_scaler(dtype, device)
     x = inputs(args.res, args.batch, device, dtype)
     net = compiled(unet, inference=False) if args.compile else unet
 
@@ -293,9 +300,16 @@ def ref_train(args, device: torch.device):
         with autocast:
             pred = net(noisy, t, x["context"], return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+        else:  # as diffusers' train_text_to_image_lora.py does through accelerate
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 

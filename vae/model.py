@@ -70,7 +70,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)
         height, width = h.shape[-2:]
-        q, k, v = (rearrange(conv(h), "b c h w -> b 1 (h w) c") for conv in (self.q, self.k, self.v))
+        # Contiguous (h w) c: with channels strided, PyTorch's CPU attention falls back to its plain path, which holds
+        # the whole (h w)^2 score matrix (16 GiB for a 256x256 latent); the fused one streams it in blocks.
+        q, k, v = (rearrange(conv(h), "b c h w -> b 1 (h w) c").contiguous() for conv in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(c), as in the original
         h = rearrange(h, "b 1 (h w) c -> b c h w", h=height, w=width)
         return x + self.proj_out(h)
