@@ -60,6 +60,8 @@ def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     device = torch.device(device_arg)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # set_device wants an index
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:

