@@ -17,8 +17,8 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(tests bench toy)
 for w in "${parts[@]}"; do
     case $w in
-      tests) $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py "tests/test_train.py::test_fp16_run_on_cuda" \
-               -rs 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+      tests) $PY -m pytest -q -p no:cacheprovider -o addopts="" -rs tests/test_cuda.py \
+               "tests/test_train.py::test_fp16_run_on_cuda" 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
       bench) $PY bench/bench.py --device cuda --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" ;;
       toy) rm -rf /tmp/sd-lora-toy-cuda
            /usr/bin/time -v $PY train.py --device cuda --out /tmp/sd-lora-toy-cuda > "$OUT/toy_train.log" 2>&1

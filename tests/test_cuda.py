@@ -170,3 +170,17 @@ def test_encoding_on_cuda_matches_cpu(world, tmp_path):  # noqa: F811
         caches[device] = batch
     assert rel_err(caches["cuda"].latents, caches["cpu"].latents) < 1e-4
     assert rel_err(caches["cuda"].context, caches["cpu"].context) < 1e-4
+
+
+def test_schedule_conversions_follow_the_batch_device():
+    # Samplers may keep their timesteps on the CPU while the latents live on the GPU.
+    from schedule import DDPMSchedule
+
+    schedule = DDPMSchedule()
+    x = torch.randn(2, 4, 8, 8, device="cuda", dtype=torch.float16)
+    t = torch.tensor([10, 900])
+    eps = torch.randn_like(x)
+    x0 = schedule.x0_from_eps(x, eps, t)
+    assert x0.device == x.device and x0.dtype == x.dtype
+    ref = schedule.x0_from_eps(x.cpu().float(), eps.cpu().float(), t)
+    assert rel_err(x0.float(), ref) < 1e-2

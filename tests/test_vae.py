@@ -213,3 +213,22 @@ def test_gaussian_and_scaling():
         torch.testing.assert_close(lat, model.encode(x).sample(torch.Generator().manual_seed(1)) * SD_SCALE)
         torch.testing.assert_close(model.decode_latents(lat), model.decode(lat / SD_SCALE))
         torch.testing.assert_close(model.decode_latents(lat, scale=0.13025), model.decode(lat / 0.13025))
+
+
+def test_attention_gets_contiguous_tokens(monkeypatch):
+    # With channels strided, PyTorch's CPU attention takes its plain path and holds the whole (h·w)² score matrix:
+    # 16 GiB for a 256x256 latent. Contiguous tokens let it stream the scores in blocks.
+    import vae.model as vm
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(all(t.is_contiguous() for t in (q, k, v)))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(vm.F, "scaled_dot_product_attention", spy)
+    vae = AutoencoderKL(VAEConfig.tiny()).eval()
+    with torch.no_grad():
+        vae.decode(torch.randn(1, 4, 8, 8))
+    assert seen and all(seen)
