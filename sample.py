@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from devices import resolve_device
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -158,9 +160,9 @@ def check_args(args: argparse.Namespace) -> tuple[int, int, list[LoraSpec], list
         raise InputError(f"--out {args.out}: exists and is not a folder")
     if args.device is not None:
         try:
-            torch.device(args.device)
-        except RuntimeError as err:
-            raise InputError(f"--device {args.device!r}: {err}") from None
+            resolve_device(args.device)
+        except ValueError as err:
+            raise InputError(f"--{err}") from None
     return width, height, loras, scales
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from devices import resolve_device
+
 from .buckets import Geometry, Placement, apply
 from .cache import (FORMAT, FORMAT_VERSION, MANIFEST, CacheMismatchError, DataError, ShardWriter, collect_garbage,
                     read_manifest, shard_files, write_json_atomic)
@@ -85,6 +87,7 @@ class EncodeConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers!r}")
+        resolve_device(self.device)
         self.geometry()  # validates the geometry fields
         self.caption_rules()
 

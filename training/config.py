@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from devices import resolve_device
+
 
 def opt(default: Any, help: str) -> Any:
     """A config field with its --help text."""
@@ -128,6 +130,7 @@ class TrainConfig:
             raise ValueError(f"alpha must be >= 0 (0 means alpha = rank), got {self.alpha}")
         if not Path(self.ckpt).is_file():
             raise ValueError(f"ckpt: checkpoint file not found: {self.ckpt}")
+        resolve_device(self.device)
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("tensorboard: the tensorboard package is not installed (pip install tensorboard); "
                              "log.jsonl in the output folder has the same numbers")
