@@ -21,7 +21,7 @@ for w in "${parts[@]}"; do
                "tests/test_train.py::test_fp16_run_on_cuda" 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
       bench) $PY bench/bench.py --device cuda --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" ;;
       toy) rm -rf /tmp/sd-lora-toy-cuda
-           /usr/bin/time -v $PY train.py --device cuda --out /tmp/sd-lora-toy-cuda > "$OUT/toy_train.log" 2>&1
+           { time $PY train.py --device cuda --out /tmp/sd-lora-toy-cuda; } > "$OUT/toy_train.log" 2>&1
            tail -25 "$OUT/toy_train.log"
            $PY sample.py --ckpt toy/tiny_sd.safetensors --device cuda --prompt "a large purple circle in the center" \
                --lora /tmp/sd-lora-toy-cuda/lora_final.safetensors --out "$OUT" --seed 1 2>&1 | tail -3 ;;
