@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     import sd
     from sampling import a1111_parameters, generate, grid, next_index, save_png, to_pil
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device or "auto")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     seed = args.seed if args.seed >= 0 else secrets.randbelow(2**32)
     seeds = [seed + i for i in range(args.batch)]

@@ -38,6 +38,7 @@ from tqdm import tqdm
 import lora
 import sd
 from atomic import write_text
+from devices import resolve_device
 from data import CacheMismatchError, LatentLoader, encode_dataset
 from sampling import generate, grid, save_png, to_pil
 from training.config import TrainConfig, is_builtin_toy, parse_args
@@ -55,9 +56,7 @@ def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun: NCCL on GPUs, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
+    device = resolve_device(device_arg)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     elif device.type == "cuda" and device.index is None:

@@ -186,9 +186,7 @@ class _Model:
         if self.loaded is None:
             import sd
 
-            device = self.cfg.device
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = resolve_device(self.cfg.device)
             log.info("loading %s on %s in %s", self.path.name, device, self.cfg.dtype)
             self.loaded = sd.load(self.path, dtype=DTYPES[self.cfg.dtype], device=device,
                                   text_layer=self.cfg.text_layer)
