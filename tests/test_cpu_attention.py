@@ -134,9 +134,9 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch):
     def fail(**kwargs):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(cpu_attention, "_state", "untried")
-    monkeypatch.setattr(cpu_attention, "_ext", None)
-    monkeypatch.setattr(cpu_attention, "_cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setattr(cpu_attention.KERNEL, "state", "untried")  # forget this process's outcome
+    monkeypatch.setattr(cpu_attention.KERNEL, "ext", None)
+    monkeypatch.setattr(cpu_attention.cpu_build, "cpu_has_avx512_bf16", lambda: True)
     monkeypatch.setattr(cpp_extension, "load", fail)
     t = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
     with pytest.warns(UserWarning, match="no compiler here"):
@@ -149,8 +149,8 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch):
 
 
 def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "_state", "untried")
-    monkeypatch.setattr(cpu_attention, "_ext", None)
+    monkeypatch.setattr(cpu_attention.KERNEL, "state", "untried")  # forget this process's outcome
+    monkeypatch.setattr(cpu_attention.KERNEL, "ext", None)
     monkeypatch.setenv("SD_LORA_CPU_ATTENTION", "0")
     t = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
     assert not cpu_attention.usable(t, t, t)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from unet import model as unet_model
 from unet import winograd
 
-needs_kernel = pytest.mark.skipif(winograd._load() is None, reason="Winograd kernel not built on this machine")
+needs_kernel = pytest.mark.skipif(winograd.KERNEL.get() is None, reason="Winograd kernel not built on this machine")
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_backward_gives_the_input_gradient_only():
 def test_usable_only_for_frozen_float32_stride1_same_padding_wide_and_enough_tiles():
     conv = unet_model.Conv2d(128, 128, 3, padding=1)
     big = torch.zeros(2, 128, 32, 32)  # 2 · 8 · 8 = 128 tiles
-    expected = winograd._load() is not None
+    expected = winograd.KERNEL.get() is not None
     assert not winograd.usable(big, conv)  # a trainable weight, autograd on: it needs the library conv's gradient
     with torch.no_grad():
         assert winograd.usable(big, conv) == expected
@@ -131,8 +131,8 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
     def fail(**kwargs):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(winograd, "_state", "untried")
-    monkeypatch.setattr(winograd, "_ext", None)
+    monkeypatch.setattr(winograd.KERNEL, "state", "untried")  # forget this process's outcome
+    monkeypatch.setattr(winograd.KERNEL, "ext", None)
     monkeypatch.setattr(winograd.cpu_build, "cpu_has_avx512_bf16", lambda: True)
     monkeypatch.setenv("SD_LORA_EXT_DIR", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", fail)
@@ -148,8 +148,8 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
 
 
 def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setattr(winograd, "_state", "untried")
-    monkeypatch.setattr(winograd, "_ext", None)
+    monkeypatch.setattr(winograd.KERNEL, "state", "untried")  # forget this process's outcome
+    monkeypatch.setattr(winograd.KERNEL, "ext", None)
     monkeypatch.setenv("SD_LORA_WINOGRAD", "0")
     frozen = unet_model.Conv2d(128, 128, 3, padding=1).requires_grad_(False)
     assert not winograd.usable(torch.zeros(2, 128, 32, 32), frozen)

@@ -8,7 +8,6 @@ Set SD_LORA_CPU_ATTENTION=0 to turn it off, SD_LORA_EXT_DIR to move the build ca
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -18,26 +17,7 @@ from . import cpu_build
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 MAX_HEAD_DIM = 256
 
-_ext = None
-_state = "untried"  # untried | ready | off
-
-
-def _cpu_has_avx512_bf16() -> bool:
-    return cpu_build.cpu_has_avx512_bf16()
-
-
-def _load():
-    """The compiled module, building it the first time (under a minute); None where it can't be had."""
-    global _ext, _state
-    if _state != "untried":
-        return _ext
-    _state = "off"
-    if os.environ.get("SD_LORA_CPU_ATTENTION", "1") == "0" or not _cpu_has_avx512_bf16():
-        return None
-    _ext = cpu_build.build("sd_lora_cpu_attention", SOURCE, "CPU attention kernel")
-    if _ext is not None:
-        _state = "ready"
-    return _ext
+KERNEL = cpu_build.Kernel("sd_lora_cpu_attention", SOURCE, "CPU attention kernel", "SD_LORA_CPU_ATTENTION")
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -49,7 +29,7 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         fits = q.shape[-1] % 2 == 0  # bf16 products are summed in pairs along the head dimension
     else:
         fits = q.dtype == torch.float32
-    return fits and q.shape[-1] <= MAX_HEAD_DIM and _load() is not None
+    return fits and q.shape[-1] <= MAX_HEAD_DIM and KERNEL.get() is not None
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -61,7 +41,7 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         scale = q.shape[-1] ** -0.5
-        out, lse = _ext.forward(q, k, v, scale)
+        out, lse = KERNEL.ext.forward(q, k, v, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         return out
@@ -70,11 +50,11 @@ class _Attention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        return tuple(_ext.backward(q, k, v, out, lse, _unit_last(grad.to(q.dtype)), ctx.scale))
+        return tuple(KERNEL.ext.backward(q, k, v, out, lse, _unit_last(grad.to(q.dtype)), ctx.scale))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q·kᵀ/sqrt(d))·v per batch and head; call only where usable(q, k, v)."""
-    if _load() is None:
+    if KERNEL.get() is None:
         raise RuntimeError("the CPU attention kernel is not available on this machine (see usable())")
     return _Attention.apply(q, k, v)

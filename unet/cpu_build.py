@@ -1,8 +1,9 @@
-"""Builds one of our C++ CPU kernels (cpu_attention.cpp, winograd.cpp) once per machine and torch version.
+"""Builds our C++ CPU kernels (cpu_attention.cpp, winograd.cpp, im2col.cpp) once per machine and torch version.
 
 The build uses `torch.utils.cpp_extension` (g++ and ninja) and is cached under ~/.cache/sd-lora (SD_LORA_EXT_DIR
 moves it). Where it cannot be built (no compiler, a CPU without AVX-512 BF16, not Linux) callers get None, with one
-warning if the build itself failed, and keep PyTorch's kernels.
+warning if the build itself failed, and keep PyTorch's kernels. Each kernel module holds one `Kernel`, which builds
+and loads on first use.
 """
 
 from __future__ import annotations
@@ -51,3 +52,29 @@ def build(name: str, source: Path, what: str) -> ModuleType | None:
         warnings.warn(f"{what} not built ({type(e).__name__}: {str(e)[:200]}); using PyTorch's instead",
                       stacklevel=4)
         return None
+
+
+class Kernel:
+    """One of our kernels, built (or taken from the cache) the first time `get()` is called, at most once a process.
+
+    `switch` is the environment variable that turns it off ("0"). `get()` returns the compiled module, or None where
+    the kernel can't be had: switched off, a CPU without AVX-512 BF16 (the build flags above assume it), or a failed
+    build. `state` is "untried", "ready" or "off".
+    """
+
+    def __init__(self, name: str, source: Path, what: str, switch: str) -> None:
+        self.name, self.source, self.what, self.switch = name, source, what, switch
+        self.ext: ModuleType | None = None
+        self.state = "untried"
+
+    def get(self) -> ModuleType | None:
+        if self.state != "untried":
+            return self.ext
+        self.state = "off"
+        if os.environ.get(self.switch, "1") == "0" or not cpu_has_avx512_bf16():
+            return None
+        self.ext = build(self.name, self.source, self.what)
+        if self.ext is not None:
+            self.state = "ready"
+        return self.ext
+

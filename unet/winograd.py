@@ -11,7 +11,6 @@ Set SD_LORA_WINOGRAD=0 to turn it off.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -31,22 +30,7 @@ MIN_CHANNELS = 128
 # fresh pages. SD's UNet convs at 512 px then take one chunk; the VAE's at 256-512 pixels take several.
 BUDGET_FLOATS = 6 << 20
 
-_ext = None
-_state = "untried"  # untried | ready | off
-
-
-def _load():
-    """The compiled module, building it the first time; None where it can't be had (as for cpu_attention)."""
-    global _ext, _state
-    if _state != "untried":
-        return _ext
-    _state = "off"
-    if os.environ.get("SD_LORA_WINOGRAD", "1") == "0" or not cpu_build.cpu_has_avx512_bf16():
-        return None
-    _ext = cpu_build.build("sd_lora_winograd", SOURCE, "Winograd conv kernel")
-    if _ext is not None:
-        _state = "ready"
-    return _ext
+KERNEL = cpu_build.Kernel("sd_lora_winograd", SOURCE, "Winograd conv kernel", "SD_LORA_WINOGRAD")
 
 
 def usable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
@@ -60,7 +44,7 @@ def usable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
         return False
     tiles = x.shape[0] * ((x.shape[2] + 3) // 4) * ((x.shape[3] + 3) // 4)
     wide = min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
-    return tiles >= MIN_TILES and wide and _load() is not None
+    return tiles >= MIN_TILES and wide and KERNEL.get() is not None
 
 
 class _Conv3x3(torch.autograd.Function):
@@ -69,18 +53,18 @@ class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(weight)
-        return _ext.conv3x3(x, weight, bias, False, BUDGET_FLOATS)
+        return KERNEL.ext.conv3x3(x, weight, bias, False, BUDGET_FLOATS)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors  # the input gradient is a conv of grad with the filters rotated and swapped
-        return _ext.conv3x3(grad.float(), weight, None, True, BUDGET_FLOATS), None, None
+        return KERNEL.ext.conv3x3(grad.float(), weight, None, True, BUDGET_FLOATS), None, None
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) by Winograd; the weight and bias get no gradient."""
-    if _load() is None:
+    if KERNEL.get() is None:
         raise RuntimeError("the Winograd conv kernel is not available on this machine (see usable())")
     trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
     if trainable and torch.is_grad_enabled():
