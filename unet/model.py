@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import cpu_attention, winograd
+from . import cpu_attention, im2col, winograd
 from .config import UNetConfig
 
 
@@ -68,7 +68,8 @@ class Conv2d(nn.Conv2d):
       place. On a 2-core Zen 4 in bf16: 2.5-4x faster for 2560->1280 at 4x4-8x8, about 1.2x for 1280->1280 at
       8x8, slower from 16x16 up; hence the rule below. A 1x1 conv needs no unfolding, and as a matmul it is
       faster at every size measured (1.1-1.7x, forward and backward, 8x8 to 64x64), so it always takes this path.
-      Other devices keep the library conv.
+      For 3x3 kernels the unfold and its backward fold are C++ where built (im2col.py), and backward reads the
+      weight as it lies (gradᵀ·W). Other devices keep the library conv.
     - With a frozen weight, backward keeps the weight only (_FrozenConv2d), on every device.
     - On CPU in float32, frozen 3x3 convs over many pixels (SD's 320-640-channel convs at 32x32 and up) run by
       Winograd F(4x4, 3x3) (winograd.py): 1.5-2x faster than oneDNN's direct conv there, forward and backward,
@@ -91,11 +92,14 @@ class Conv2d(nn.Conv2d):
     def _matmul_forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         k = self.kernel_size[0]
-        weight = self.weight.flatten(1)
-        cols = F.unfold(x, k, padding=self.padding[0]) if k > 1 else x.flatten(2)  # (n, c·k·k, h·w)
-        # One product for the whole batch, so the weight is read once.
-        cols = cols[0] if n == 1 else cols.transpose(0, 1).flatten(1)             # (c·k·k, n·h·w)
-        out = weight @ cols if self.bias is None else torch.addmm(self.bias[:, None], weight, cols)
+        if k == 3 and IM2COL and im2col.usable(x):
+            out = im2col.product3x3(x, self.weight, self.bias)                    # (out, n·h·w)
+        else:
+            weight = self.weight.flatten(1)
+            cols = F.unfold(x, k, padding=self.padding[0]) if k > 1 else x.flatten(2)  # (n, c·k·k, h·w)
+            # One product for the whole batch, so the weight is read once.
+            cols = cols[0] if n == 1 else cols.transpose(0, 1).flatten(1)             # (c·k·k, n·h·w)
+            out = weight @ cols if self.bias is None else torch.addmm(self.bias[:, None], weight, cols)
         return out.view(1, -1, h, w) if n == 1 else out.view(-1, n, h, w).transpose(0, 1).contiguous()
 
     @property
@@ -110,12 +114,13 @@ class Conv2d(nn.Conv2d):
 # Set False to always use the library conv (for A/B timing and memory); POINTWISE_PROJ: SD1's transformer
 # projections as per-token linear maps (SpatialTransformer.forward); CPU_ATTENTION: our attention kernel (bf16 and
 # float32) where the CPU has AVX-512 BF16 (CrossAttention.forward); WINOGRAD_CONV: float32 3x3 convs by Winograd
-# (Conv2d.forward).
+# (Conv2d.forward); IM2COL: the C++ unfold and fold for 3x3 convs that run as one product (Conv2d._matmul_forward).
 MATMUL_CONV = True
 FROZEN_CONV = True
 POINTWISE_PROJ = True
 CPU_ATTENTION = True
 WINOGRAD_CONV = True
+IM2COL = True
 # With gradient checkpointing, blocks whose input has fewer latent pixels than this keep their activations
 # (UNetModel._run); 0 checkpoints every block.
 CHECKPOINT_MIN_PIXELS = 256
