@@ -127,17 +127,9 @@ def test_not_used_where_it_does_not_apply():
     assert not cpu_attention.usable(q, kv, kv)
 
 
-def test_build_failure_falls_back_with_a_warning(monkeypatch):
+def test_build_failure_falls_back_with_a_warning(broken_build):
     """No compiler (or any build error): one warning, then PyTorch's attention; attention() itself says why."""
-    from torch.utils import cpp_extension
-
-    def fail(**kwargs):
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(cpu_attention.KERNEL, "state", "untried")  # forget this process's outcome
-    monkeypatch.setattr(cpu_attention.KERNEL, "ext", None)
-    monkeypatch.setattr(cpu_attention.cpu_build, "cpu_has_avx512_bf16", lambda: True)
-    monkeypatch.setattr(cpp_extension, "load", fail)
+    broken_build(cpu_attention.KERNEL)
     t = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
     with pytest.warns(UserWarning, match="no compiler here"):
         assert not cpu_attention.usable(t, t, t)

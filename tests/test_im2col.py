@@ -117,18 +117,9 @@ def test_unet_conv_takes_this_path_only_where_switched_on(monkeypatch):
     torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5)
 
 
-def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
+def test_build_failure_falls_back_with_a_warning(broken_build):
     """No compiler (or any build error): one warning, then PyTorch's unfold."""
-    from torch.utils import cpp_extension
-
-    def fail(**kwargs):
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(im2col.KERNEL, "state", "untried")  # forget this process's outcome
-    monkeypatch.setattr(im2col.KERNEL, "ext", None)
-    monkeypatch.setattr(im2col.cpu_build, "cpu_has_avx512_bf16", lambda: True)
-    monkeypatch.setenv("SD_LORA_EXT_DIR", str(tmp_path))
-    monkeypatch.setattr(cpp_extension, "load", fail)
+    broken_build(im2col.KERNEL)
     conv = unet_model.Conv2d(160, 8, 3, padding=1).requires_grad_(False)
     x = torch.randn(1, 160, 4, 4)
     with pytest.warns(UserWarning, match="im2col kernel not built.*no compiler here"):

@@ -124,18 +124,9 @@ def test_unet_conv_takes_the_winograd_path_when_frozen_or_without_grad(calls, mo
     assert len(calls) == 2
 
 
-def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
+def test_build_failure_falls_back_with_a_warning(broken_build):
     """No compiler (or any build error): one warning, then the library conv."""
-    from torch.utils import cpp_extension
-
-    def fail(**kwargs):
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(winograd.KERNEL, "state", "untried")  # forget this process's outcome
-    monkeypatch.setattr(winograd.KERNEL, "ext", None)
-    monkeypatch.setattr(winograd.cpu_build, "cpu_has_avx512_bf16", lambda: True)
-    monkeypatch.setenv("SD_LORA_EXT_DIR", str(tmp_path))
-    monkeypatch.setattr(cpp_extension, "load", fail)
+    broken_build(winograd.KERNEL)
     conv = unet_model.Conv2d(128, 128, 3, padding=1).requires_grad_(False)
     x = torch.zeros(2, 128, 32, 32)
     with pytest.warns(UserWarning, match="Winograd conv kernel not built.*no compiler here"):
