@@ -77,4 +77,3 @@ class Kernel:
         if self.ext is not None:
             self.state = "ready"
         return self.ext
-
