@@ -214,6 +214,31 @@ def report(results: list[dict], peaks: dict[str, float], args: argparse.Namespac
     return "\n".join(lines)
 
 
+def memory_floor(results: list[dict]) -> str:
+    """For the CPU train cases with a memory target: the least our side could peak at, whatever its allocator does.
+
+    It is our resident set after loading (weights, Python, torch's libraries) plus the tensors autograd must keep
+    for backward (bench/estimate.py). When the floor is over the target, no tuning reaches it: only more
+    recomputation or smaller weights would."""
+    lines = []
+    for r in results:
+        case = Case.parse(r["case"])
+        target = targets(case)[1]
+        if target is None or "ref" not in r or "rss_after_load_gb" not in r["ours"]:
+            continue
+        act = estimate.expected_memory(case.res, case.batch, torch.bfloat16, case.precision.endswith("gc"))
+        loaded, saved = r["ours"]["rss_after_load_gb"], act["activations"]
+        ratio = (loaded + saved) / memory_of(r["ref"], "cpu")
+        verdict = ("within reach" if ratio <= target else
+                   "UNREACHABLE by any allocator tuning: it takes recomputation or smaller weights")
+        lines.append(f"  {case.name}: {loaded:.2f} after load + {saved:.2f} saved activations = "
+                     f"{loaded + saved:.2f} GiB = {ratio:.3f}x the reference; target {target}: {verdict}")
+    if not lines:
+        return ""
+    return "Memory floor of our side (resident after load + what autograd must keep; bench/estimate.py):\n" + \
+        "\n".join(lines)
+
+
 def gpu_expectation(res: int, batch: int) -> str:
     """The calculated memory of an SD1.5 LoRA step on a GPU, printed whatever the device."""
     lines = [f"Expected GPU memory, SD1.5 LoRA rank 4 (attn), {res} px, batch {batch} (bench/estimate.py; GiB):",
@@ -301,6 +326,9 @@ def main() -> None:
     print()
     print(report(results, peaks, args))
     print()
+    floor = memory_floor(results) if args.device == "cpu" else ""
+    if floor:
+        print(floor + "\n")
     print(gpu_expectation(args.gpu_res, args.batch))
     print(f"\nload average now {os.getloadavg()[0]:.2f}; total {time.perf_counter() - t0:.0f} s")
     if args.json:

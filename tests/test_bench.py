@@ -35,3 +35,18 @@ def test_bad_options_stop_before_any_model_is_made(argv, message):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), *argv, "--ckpt", "/nonexistent.safetensors"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and message in r.stderr + r.stdout
+
+
+def test_memory_floor_says_when_a_target_is_under_it():
+    saved = bench.estimate.expected_memory(64, 1, bench.torch.bfloat16, gc=False)["activations"]
+    results = [
+        {"case": "train-bf16-64", "ours": {"rss_after_load_gb": 1.0}, "ref": {"peak_rss_gb": 10.0}},
+        {"case": "train-bf16-64", "ours": {"rss_after_load_gb": 1.0}, "ref": {"peak_rss_gb": 1.0}},
+        {"case": "sample-bf16-64", "ours": {"rss_after_load_gb": 1.0}, "ref": {"peak_rss_gb": 1.0}},  # no target
+        {"case": "train-fp32-64", "ours": {"rss_after_load_gb": 1.0}, "ref": {"peak_rss_gb": 1.0}},   # no target
+    ]
+    lines = bench.memory_floor(results).splitlines()
+    assert len(lines) == 3  # a heading and the two bf16 train cases
+    assert f"= {(1.0 + saved) / 10:.3f}x the reference; target 0.6: within reach" in lines[1]
+    assert "target 0.6: UNREACHABLE" in lines[2]
+    assert bench.memory_floor(results[2:]) == ""
