@@ -218,8 +218,9 @@ def memory_floor(results: list[dict]) -> str:
     """For the CPU train cases with a memory target: the least our side could peak at, whatever its allocator does.
 
     It is our resident set after loading (weights, Python, torch's libraries) plus the tensors autograd must keep
-    for backward (bench/estimate.py). When the floor is over the target, no tuning reaches it: only more
-    recomputation or smaller weights would."""
+    for backward (bench/estimate.py; with checkpointing, counted as if every block were recomputed, which ours does
+    not do below 256 latent pixels: a lower bound). When the floor is over the target, no tuning reaches it: only
+    more recomputation or smaller weights would."""
     lines = []
     for r in results:
         case = Case.parse(r["case"])
