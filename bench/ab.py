@@ -3,10 +3,10 @@
     python bench/ab.py --flag POINTWISE_PROJ --case train --steps 20
     python bench/ab.py --flag MATMUL_CONV --case sample --res 512
 
-The switches are the module-level flags of unet/model.py (MATMUL_CONV, FROZEN_CONV, POINTWISE_PROJ,
-CPU_ATTENTION, WINOGRAD_CONV, IM2COL). Comparing two runs of bench.py cannot resolve a change of a few percent on a shared
-machine: a run-to-run spread of ±0.03 is normal there. Alternating within one process puts both settings on the
-same model, the same memory and the same slow spells of the host, and the medians of the two halves show the switch
+The switches are the module-level flags of unet/model.py (MATMUL_CONV, FROZEN_CONV, POINTWISE_PROJ, CPU_ATTENTION,
+WINOGRAD_CONV, IM2COL). Comparing two runs of bench.py cannot resolve a change of a few percent on a shared machine:
+a run-to-run spread of ±0.03 is normal there. Alternating within one process puts both settings on the same model,
+the same memory and the same slow spells of the host, and the medians of the two halves show the switch
 alone. Our side only; the model, inputs and step are bench/worker.py's.
 """
 from __future__ import annotations

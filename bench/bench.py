@@ -227,8 +227,10 @@ def memory_floor(results: list[dict]) -> str:
         target = targets(case)[1]
         if target is None or "ref" not in r or "rss_after_load_gb" not in r["ours"]:
             continue
-        act = estimate.expected_memory(case.res, case.batch, torch.bfloat16, case.precision.endswith("gc"))
-        loaded, saved = r["ours"]["rss_after_load_gb"], act["activations"]
+        # The case's own batch: Case.parse of the name alone would give 1.
+        act = estimate.saved_activations(case.res, r.get("batch", 1), torch.bfloat16)
+        saved = act["gc" if case.precision.endswith("gc") else "no_gc"] / estimate.GB
+        loaded = r["ours"]["rss_after_load_gb"]
         ratio = (loaded + saved) / memory_of(r["ref"], "cpu")
         verdict = ("within reach" if ratio <= target else
                    "UNREACHABLE by any allocator tuning: it takes recomputation or smaller weights")

@@ -50,3 +50,7 @@ def test_memory_floor_says_when_a_target_is_under_it():
     assert f"= {(1.0 + saved) / 10:.3f}x the reference; target 0.6: within reach" in lines[1]
     assert "target 0.6: UNREACHABLE" in lines[2]
     assert bench.memory_floor(results[2:]) == ""
+    # The floor is for the batch the case ran at, not for the 1 its name implies.
+    saved4 = bench.estimate.expected_memory(64, 4, bench.torch.bfloat16, gc=False)["activations"]
+    four = bench.memory_floor([{**results[0], "batch": 4}]).splitlines()[1]
+    assert f"{saved4:.2f} saved activations" in four and saved4 > 2 * saved
