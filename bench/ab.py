@@ -3,8 +3,8 @@
     python bench/ab.py --flag POINTWISE_PROJ --case train --steps 20
     python bench/ab.py --flag MATMUL_CONV --case sample --res 512
 
-The switches are the module-level flags of unet/model.py (MATMUL_CONV, FROZEN_CONV, POINTWISE_PROJ, CPU_ATTENTION,
-WINOGRAD_CONV, IM2COL). Comparing two runs of bench.py cannot resolve a change of a few percent on a shared machine:
+The switches are the fields of fastpaths.SWITCHES, named here in capitals (MATMUL_CONV, FROZEN_CONV, WINOGRAD_CONV,
+IM2COL, CPU_ATTENTION, POINTWISE_PROJ, GATED_GELU). Comparing two runs of bench.py cannot resolve a change of a few percent on a shared machine:
 a run-to-run spread of ±0.03 is normal there. Alternating within one process puts both settings on the same model,
 the same memory and the same slow spells of the host, and the medians of the two halves show the switch
 alone. Our side only; the model, inputs and step are bench/worker.py's.
@@ -12,6 +12,7 @@ alone. Our side only; the model, inputs and step are bench/worker.py's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -24,15 +25,15 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import worker  # noqa: E402
+from fastpaths import Switches, switched  # noqa: E402
 from make_checkpoint import ensure_checkpoint  # noqa: E402
-from unet import model as unet_model  # noqa: E402
 
-FLAGS = ("MATMUL_CONV", "FROZEN_CONV", "POINTWISE_PROJ", "CPU_ATTENTION", "WINOGRAD_CONV", "IM2COL")
+FLAGS = tuple(f.name.upper() for f in dataclasses.fields(Switches))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--flag", choices=FLAGS, required=True, help="the unet/model.py switch to alternate")
+    p.add_argument("--flag", choices=FLAGS, required=True, help="the fastpaths switch to alternate")
     p.add_argument("--case", choices=("train", "sample"), default="train",
                    help="train: the LoRA train step (batch 1); sample: one CFG sampling step (batch 2)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
@@ -53,12 +54,11 @@ def main() -> None:
     times: dict[bool, list[float]] = {True: [], False: []}
     for i in range(2 + args.steps):
         on = i % 4 in (0, 3)  # on, off, off, on: each setting follows each equally often
-        setattr(unet_model, args.flag, on)
-        t = time.perf_counter()
-        step(i)
-        if i >= 2:
-            times[on].append(time.perf_counter() - t)
-    setattr(unet_model, args.flag, True)
+        with switched(**{args.flag.lower(): on}):
+            t = time.perf_counter()
+            step(i)
+            if i >= 2:
+                times[on].append(time.perf_counter() - t)
     on, off = statistics.median(times[True]), statistics.median(times[False])
     print(f"{args.flag} on:  " + " ".join(f"{t:.3f}" for t in times[True]))
     print(f"{args.flag} off: " + " ".join(f"{t:.3f}" for t in times[False]))

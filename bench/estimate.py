@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import fastpaths  # noqa: E402
 import lora  # noqa: E402
 from unet import UNetConfig, UNetModel  # noqa: E402
 from vae import AutoencoderKL, VAEConfig  # noqa: E402
@@ -32,7 +33,7 @@ def meta_unet(with_lora: bool, dtype: torch.dtype = torch.float32, rank: int = 4
     """SD1.5's UNet on meta. The LoRA factors get `dtype` too: meta tensors know no autocast, and this way the
     activations they save are what autocast gives (the layer input itself, not a float32 copy of it)."""
     with torch.device("meta"):
-        unet = UNetModel(UNetConfig.sd1()).to(dtype)
+        unet = fastpaths.apply(UNetModel(UNetConfig.sd1()).to(dtype))  # sd.load's layers, which keep less for backward
         if with_lora:
             lora.inject(unet, rank, rank, "attn", dtype=dtype)
     return unet

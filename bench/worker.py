@@ -94,19 +94,21 @@ def ours_unet(ckpt: Path, dtype: torch.dtype, device: torch.device, how: str):
         unet = model.unet
         del model
         return unet
+    import fastpaths
     from unet import UNetConfig, UNetModel
     with torch.device("meta"):
         unet = UNetModel(UNetConfig.from_state_dict(weights.shapes(ckpt, UNET_PREFIX)))
     unet.load_state_dict(dict(weights.read(ckpt, UNET_PREFIX, dtype, device)), strict=True, assign=True)
-    return unet.eval().requires_grad_(False)
+    return fastpaths.apply(unet.eval().requires_grad_(False))  # as sd.load does
 
 
 def ours_vae(ckpt: Path, dtype: torch.dtype, device: torch.device):
+    import fastpaths
     from vae import AutoencoderKL, VAEConfig
     with torch.device("meta"):
         vae = AutoencoderKL(VAEConfig.from_state_dict(weights.shapes(ckpt, VAE_PREFIX)))
     vae.load_state_dict(dict(weights.read(ckpt, VAE_PREFIX, dtype, device)), strict=True, assign=True)
-    return vae.eval().requires_grad_(False)
+    return fastpaths.apply(vae.eval().requires_grad_(False))  # as sd.load does
 
 
 def ours_train(args, device: torch.device):

@@ -7,6 +7,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+import fastpaths
 from schedule import PREDICTION_TYPES
 from text import ClipLConfig, ClipLTextEncoder, OpenClipConfig, OpenClipTextEncoder, SDXLTextConfig, SDXLTextEncoder
 from text import clip_l, open_clip, sdxl
@@ -15,6 +16,7 @@ from vae import AutoencoderKL, VAEConfig, scale_factor
 
 from .checkpoint import CheckpointError, CheckpointFile, first, is_ignored
 from .model import SDXL_TEXT_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, StableDiffusion, text_prefix
+from .tiny import tiny_parts
 
 # OpenCLIP text towers: SD2's under `cond_stage_model.model.`, SDXL's bigG under `conditioner.embedders.1.model.`.
 _OPEN_CLIP = (TEXT_PREFIX + "model.", SDXL_TEXT_PREFIX + sdxl.OPEN_CLIP_PREFIX + "model.")
@@ -100,8 +102,9 @@ def detect_prediction_type(ckpt: CheckpointFile, version: str) -> str:
     return "epsilon"
 
 
-def _check_fits(model: nn.Module, part: Mapping[str, torch.Tensor], where: str) -> None:
-    """Missing, unexpected and mis-shaped keys, listed before a single weight is read."""
+def check_fits(model: nn.Module, part: Mapping[str, torch.Tensor], where: str) -> None:
+    """The one check that a state dict fits a model: missing, unexpected and mis-shaped keys, all listed, raised as
+    one CheckpointError naming `where`. sd.load runs it on every part before a single weight is read."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(part))
     unexpected = sorted(set(part) - set(expected))
@@ -145,7 +148,7 @@ def build_models(ckpt: CheckpointFile, parts: Mapping[str, Mapping[str, torch.Te
         except ValueError as err:
             raise CheckpointError(f"{where}: {err}") from err
         shapes = text_prepare(parts[prefix]) if prefix == text else parts[prefix]
-        _check_fits(models[prefix], shapes, where)
+        check_fits(models[prefix], shapes, where)
     if version == "sdxl":
         _check_sdxl_sizes(ckpt, models[UNET_PREFIX].cfg, models[text].config)
     return models
@@ -174,20 +177,41 @@ def _text_encoder(cls: type, cfg, layer: str | None) -> nn.Module:
     return cls(cfg, layer=layer) if layer else cls(cfg)
 
 
-def build_meta(path: str | os.PathLike, text_layer: str | None = None) -> tuple[CheckpointFile, str, dict[str, nn.Module]]:
-    """Read only a file's header: check it and build its parts on the meta device, without reading a weight.
-    Returns (opened file, version, {prefix: meta module}); used for early checks (sizes, LoRA fit) before loading."""
+def _open(path: str | os.PathLike, text_layer: str | None):
+    """(opened file, its tensors by part, version, {prefix: meta module}): everything but the weights."""
     ckpt = CheckpointFile(path)
     parts = split_parts(ckpt)
     try:
         version = detect_version(parts)
     except CheckpointError as err:
         raise CheckpointError(f"{ckpt.path}: {err}") from err
-    return ckpt, version, build_models(ckpt, parts, version, text_layer)
+    return ckpt, parts, version, build_models(ckpt, parts, version, text_layer)
+
+
+def build_meta(path: str | os.PathLike, text_layer: str | None = None) -> tuple[CheckpointFile, str, dict[str, nn.Module]]:
+    """Read only a file's header: check it and build its parts on the meta device, without reading a weight.
+    Returns (opened file, version, {prefix: meta module}); used for early checks (sizes, LoRA fit) before loading."""
+    ckpt, _, version, models = _open(path, text_layer)
+    return ckpt, version, models
+
+
+def build_preset(name: str) -> dict[str, nn.Module]:
+    """A standard architecture on the meta device, without a file: {part prefix: module}, as build_meta gives them.
+    "sd1": SD 1.x (CLIP-L), "sd2": SD 2.x (OpenCLIP ViT-H), "tiny": sd.tiny's SD1. Shapes only: no weight exists."""
+    presets = {"sd1": (UNetConfig.sd1, lambda: ClipLTextEncoder(ClipLConfig())),
+               "sd2": (UNetConfig.sd2, lambda: OpenClipTextEncoder(OpenClipConfig()))}
+    if name not in (*presets, "tiny"):
+        raise ValueError(f"unknown preset {name!r}; expected one of {[*presets, 'tiny']}")
+    with torch.device("meta"):
+        if name == "tiny":
+            return tiny_parts("sd1")
+        unet_cfg, text = presets[name]
+        return {UNET_PREFIX: UNetModel(unet_cfg()), VAE_PREFIX: AutoencoderKL(VAEConfig.sd()), TEXT_PREFIX: text()}
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-         prediction_type: str | None = None, text_layer: str | None = None) -> StableDiffusion:
+         prediction_type: str | None = None, text_layer: str | None = None,
+         fast_paths: bool = True) -> StableDiffusion:
     """Load an original Stable Diffusion 1.x/2.x or SDXL base checkpoint (.safetensors or .ckpt).
 
     The architecture (widths, levels, blocks, attention levels, depth, context size, text-encoder family)
@@ -199,11 +223,12 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: to
     not for SDXL, whose two towers always give their penultimate hidden states).
     SDXL's VAE overflows in float16 (it gives NaN/inf images), so with dtype=float16 an SDXL VAE stays in float32
     (UNet and text encoders in float16); float32 (the default) and bfloat16 apply to every part.
+    fast_paths: swap in the faster layers of fastpaths/ (fastpaths.apply: same weights and keys); False keeps the
+    plain architecture.
     """
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    ckpt, version, models = build_meta(path, text_layer)
-    parts = split_parts(ckpt)
+    ckpt, parts, version, models = _open(path, text_layer)
     for prefix, model in models.items():
         # SDXL's VAE overflows in float16 (NaN/inf images): keep it in float32 then, as diffusers' force_upcast does.
         part_dtype = torch.float32 if version == "sdxl" and prefix == VAE_PREFIX and dtype == torch.float16 else dtype
@@ -215,6 +240,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: to
             model.materialize_buffers(device)
     for model in models.values():
         model.eval().requires_grad_(False)
+        if fast_paths:
+            fastpaths.apply(model)
     return StableDiffusion(
         unet=models[UNET_PREFIX], vae=models[VAE_PREFIX], text_encoder=models[text_prefix(version)],
         version=version, prediction_type=prediction_type or detect_prediction_type(ckpt, version),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 
 from text import ClipLConfig, ClipLTextEncoder, OpenClipConfig, OpenClipTextEncoder, SDXLTextConfig, SDXLTextEncoder
 from unet import UNetConfig, UNetModel
@@ -17,25 +18,29 @@ def tiny_state_dict(version: str = "sd1", seed: int = 0) -> dict[str, torch.Tens
     for SDXL, `conditioner.*`) of a two-level UNet, a two-level VAE and small text encoder(s) that still take the
     real CLIP vocabulary. The SDXL one keeps SDXL's shape: no attention on the first level, two transformer
     blocks on the second, two res blocks per level, linear projections, and y = pooled text + 6 x 256."""
-    if version not in ("sd1", "sd2", "sdxl"):
-        raise ValueError(f"version must be 'sd1', 'sd2' or 'sdxl', got {version!r}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        if version == "sd1":
-            text = ClipLTextEncoder(ClipLConfig.tiny())
-            unet_cfg = UNetConfig.tiny_sd1()
-        elif version == "sd2":
-            text = OpenClipTextEncoder(OpenClipConfig.tiny())
-            unet_cfg = UNetConfig.tiny_sd2()
-        else:
-            text = SDXLTextEncoder(SDXLTextConfig.tiny())
-            unet_cfg = tiny_sdxl_unet(text.config)
-        unet = UNetModel(dataclasses.replace(unet_cfg, context_dim=text.config.width))
-        vae = AutoencoderKL(VAEConfig.tiny())
-    out: dict[str, torch.Tensor] = {}
-    for prefix, module in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), (text_prefix(version), text)):
-        out.update({prefix + k: v.detach().clone() for k, v in module.state_dict().items()})
-    return out
+        parts = tiny_parts(version)
+    return {prefix + k: v.detach().clone() for prefix, module in parts.items() for k, v in module.state_dict().items()}
+
+
+def tiny_parts(version: str = "sd1") -> dict[str, nn.Module]:
+    """The modules of tiny_state_dict, {part prefix: module}, drawn from the global RNG (on the meta device when
+    built under `torch.device("meta")`)."""
+    if version not in ("sd1", "sd2", "sdxl"):
+        raise ValueError(f"version must be 'sd1', 'sd2' or 'sdxl', got {version!r}")
+    if version == "sd1":
+        text = ClipLTextEncoder(ClipLConfig.tiny())
+        unet_cfg = UNetConfig.tiny_sd1()
+    elif version == "sd2":
+        text = OpenClipTextEncoder(OpenClipConfig.tiny())
+        unet_cfg = UNetConfig.tiny_sd2()
+    else:
+        text = SDXLTextEncoder(SDXLTextConfig.tiny())
+        unet_cfg = tiny_sdxl_unet(text.config)
+    unet = UNetModel(dataclasses.replace(unet_cfg, context_dim=text.config.width))
+    vae = AutoencoderKL(VAEConfig.tiny())
+    return {UNET_PREFIX: unet, VAE_PREFIX: vae, text_prefix(version): text}
 
 
 def tiny_sdxl_unet(text: SDXLTextConfig) -> UNetConfig:

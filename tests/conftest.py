@@ -16,19 +16,19 @@ def one_thread():
 
 @pytest.fixture
 def broken_build(monkeypatch, tmp_path):
-    """`broken_build(kernel)`: forget this process's outcome for a cpu_build.Kernel and make its next build fail as
+    """`broken_build(kernel)`: forget this process's outcome for a fastpaths.build.Kernel and make its next build fail as
     it would with no compiler ("no compiler here"), on a CPU that claims AVX-512 BF16 and into a fresh build folder."""
     from torch.utils import cpp_extension
 
-    from unet import cpu_build
+    from fastpaths import build
 
     def fail(**kwargs):
         raise RuntimeError("no compiler here")
 
-    def arm(kernel: cpu_build.Kernel) -> None:
+    def arm(kernel: build.Kernel) -> None:
         monkeypatch.setattr(kernel, "state", "untried")
         monkeypatch.setattr(kernel, "ext", None)
-        monkeypatch.setattr(cpu_build, "cpu_has_avx512_bf16", lambda: True)
+        monkeypatch.setattr(build, "cpu_has_avx512_bf16", lambda: True)
         monkeypatch.setenv("SD_LORA_EXT_DIR", str(tmp_path))
         monkeypatch.setattr(cpp_extension, "load", fail)
 

@@ -1,4 +1,4 @@
-"""Tests for unet/cpu_attention: our bf16/fp32 attention kernel against PyTorch's, and the fallback."""
+"""Tests for fastpaths/cpu_attention: our bf16/fp32 attention kernel against PyTorch's, and the fallback."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastpaths
+from fastpaths import Switches, cpu_attention
 from unet import UNetModel
-from unet import cpu_attention
 from unet import model as unet_model
 
 needs_kernel = pytest.mark.skipif(
@@ -90,7 +91,7 @@ def test_unet_bf16_with_and_without_the_kernel(one_thread, monkeypatch):
     from tests.helpers import RICH, randomize
 
     fp32 = randomize(UNetModel(dataclasses.replace(RICH, use_linear_in_transformer=False)))
-    bf16 = UNetModel(fp32.cfg).to(torch.bfloat16)
+    bf16 = fastpaths.apply(UNetModel(fp32.cfg).to(torch.bfloat16))
     bf16.load_state_dict(fp32.state_dict())
     g = torch.Generator().manual_seed(0)
     x0, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, RICH.context_dim, generator=g)
@@ -99,11 +100,11 @@ def test_unet_bf16_with_and_without_the_kernel(one_thread, monkeypatch):
     monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1) or real(*a))
 
     def run(unet, on: bool):
-        monkeypatch.setattr(unet_model, "CPU_ATTENTION", on)
         dtype = next(unet.parameters()).dtype
         x = x0.to(dtype, copy=True).requires_grad_(True)
-        y = unet(x, torch.tensor([10, 700]), c.to(dtype))
-        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        with fastpaths.switched(cpu_attention=on):
+            y = unet(x, torch.tensor([10, 700]), c.to(dtype))
+            (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         return y.float(), x.grad.float()
 
     layers = sum(isinstance(m, unet_model.CrossAttention) for m in bf16.modules())
@@ -141,8 +142,12 @@ def test_build_failure_falls_back_with_a_warning(broken_build):
 
 
 def test_switched_off_by_environment(monkeypatch):
+    """SD_LORA_CPU_ATTENTION=0 starts the process with this switch off, and a switched-off kernel is never built."""
+    monkeypatch.setenv("SD_LORA_CPU_ATTENTION", "0")
+    assert Switches.from_environment() == Switches(cpu_attention=False)
     monkeypatch.setattr(cpu_attention.KERNEL, "state", "untried")  # forget this process's outcome
     monkeypatch.setattr(cpu_attention.KERNEL, "ext", None)
-    monkeypatch.setenv("SD_LORA_CPU_ATTENTION", "0")
-    t = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
-    assert not cpu_attention.usable(t, t, t)
+    attention = fastpaths.layers.CrossAttention(8, 2, 4).to(torch.bfloat16)
+    with fastpaths.switched(Switches.from_environment()), torch.no_grad():
+        attention(torch.zeros(1, 4, 8, dtype=torch.bfloat16))
+    assert cpu_attention.KERNEL.state == "untried"

@@ -1,4 +1,4 @@
-"""Tests for unet/im2col: 3x3 convs as one product with C++ unfold/fold, against F.unfold and F.conv2d."""
+"""Tests for fastpaths/im2col: 3x3 convs as one product with C++ unfold/fold, against F.unfold and F.conv2d."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unet import im2col
-from unet import model as unet_model
+import fastpaths
+from fastpaths import Switches, im2col
+from fastpaths.layers import Conv2d
 
 needs_kernel = pytest.mark.skipif(im2col.KERNEL.get() is None, reason="im2col kernel not built on this machine")
 SIZES = [(1, 16, 4, 4), (2, 8, 3, 5), (1, 8, 1, 1), (3, 4, 1, 7), (2, 4, 6, 2)]  # one pixel, one row, one column
@@ -91,7 +92,7 @@ def test_frozen_product_keeps_no_columns():
 @needs_kernel
 def test_bf16_autocast_with_float32_weights():
     """Under autocast the product runs in bf16 as W·cols would; the input gradient comes back in float32."""
-    conv = unet_model.Conv2d(64, 16, 3, padding=1).requires_grad_(False)
+    conv = Conv2d(64, 16, 3, padding=1).requires_grad_(False)
     x = torch.randn(1, 64, 4, 4, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = conv(x)
@@ -107,12 +108,12 @@ def test_unet_conv_takes_this_path_only_where_switched_on(monkeypatch):
     seen = []
     real = im2col.product3x3
     monkeypatch.setattr(im2col, "product3x3", lambda *a: seen.append(1) or real(*a))
-    conv = unet_model.Conv2d(1280, 8, 3, padding=1).requires_grad_(False)
+    conv = Conv2d(1280, 8, 3, padding=1).requires_grad_(False)
     x = torch.randn(1, 1280, 4, 4)  # 16 pixels, 1280 channels: the one-product path
     with torch.no_grad():
         on = conv(x)
-        monkeypatch.setattr(unet_model, "IM2COL", False)
-        off = conv(x)
+        with fastpaths.switched(im2col=False):
+            off = conv(x)
     assert len(seen) == 1
     torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5)
 
@@ -120,7 +121,7 @@ def test_unet_conv_takes_this_path_only_where_switched_on(monkeypatch):
 def test_build_failure_falls_back_with_a_warning(broken_build):
     """No compiler (or any build error): one warning, then PyTorch's unfold."""
     broken_build(im2col.KERNEL)
-    conv = unet_model.Conv2d(160, 8, 3, padding=1).requires_grad_(False)
+    conv = Conv2d(160, 8, 3, padding=1).requires_grad_(False)
     x = torch.randn(1, 160, 4, 4)
     with pytest.warns(UserWarning, match="im2col kernel not built.*no compiler here"):
         assert not im2col.usable(x)
@@ -134,10 +135,16 @@ def test_build_failure_falls_back_with_a_warning(broken_build):
 
 
 def test_switched_off_by_environment(monkeypatch):
+    """SD_LORA_IM2COL=0 starts the process with this switch off: PyTorch's unfold, and the kernel never built."""
+    monkeypatch.setenv("SD_LORA_IM2COL", "0")
+    assert Switches.from_environment() == Switches(im2col=False)
     monkeypatch.setattr(im2col.KERNEL, "state", "untried")
     monkeypatch.setattr(im2col.KERNEL, "ext", None)
-    monkeypatch.setenv("SD_LORA_IM2COL", "0")
-    assert not im2col.usable(torch.zeros(1, 8, 4, 4))
+    conv = Conv2d(160, 8, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 160, 4, 4)
+    with fastpaths.switched(Switches.from_environment()), torch.no_grad():
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
+    assert im2col.KERNEL.state == "untried"
 
 
 def test_not_for_other_devices_or_dtypes():

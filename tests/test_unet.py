@@ -242,16 +242,16 @@ def test_bf16_close_to_fp32(name):
 
 @pytest.mark.parametrize("min_pixels", [0, 100])
 def test_gradient_checkpointing_same_grads(monkeypatch, min_pixels):
-    """Same gradients with and without checkpointing; blocks over fewer than CHECKPOINT_MIN_PIXELS latent pixels
+    """Same gradients with and without checkpointing; blocks over fewer than checkpoint_min_pixels latent pixels
     are not checkpointed (0: all are; 100: on 16x16 latents only the 16x16 level is)."""
     from unet import model as unet_model
 
-    monkeypatch.setattr(unet_model, "CHECKPOINT_MIN_PIXELS", min_pixels)
     calls = []
     real = unet_model.checkpoint
     monkeypatch.setattr(unet_model, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
     cfg = UNetConfig.tiny_sd1()
     model = randomize(UNetModel(cfg)).train()
+    model.checkpoint_min_pixels = min_pixels
     x, t, c = inputs(cfg)
 
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
@@ -291,12 +291,12 @@ def test_latent_sides_that_do_not_halve_evenly_match_diffusers():
 @pytest.mark.parametrize("kernel,batch,size", [(3, 1, (4, 4)), (3, 2, (2, 4)), (1, 2, (4, 2)), (3, 1, (3, 5)),
                                                (1, 1, (16, 12)), (1, 3, (16, 12))])
 def test_few_pixel_conv_as_matmul_equals_conv2d(kernel, batch, size):
-    """unet.model.Conv2d runs small-spatial CPU convs (and every 1x1 conv) as unfold + matmul: same outputs and
-    gradients as F.conv2d."""
-    from unet import model as unet_model
+    """fastpaths.layers.Conv2d runs small-spatial CPU convs (and every 1x1 conv) as unfold + matmul: same outputs
+    and gradients as F.conv2d."""
+    from fastpaths.layers import Conv2d
 
     torch.manual_seed(0)
-    conv = unet_model.Conv2d(160, 24, kernel, padding=kernel // 2)
+    conv = Conv2d(160, 24, kernel, padding=kernel // 2)
     assert conv._matmul_ok and (kernel == 1 or batch * size[0] * size[1] * 10 <= conv.in_channels)  # matmul path
     x0 = torch.randn(batch, 160, *size)
 
@@ -316,30 +316,30 @@ def test_few_pixel_conv_as_matmul_equals_conv2d(kernel, batch, size):
     for got, want in zip(run(conv, torch.bfloat16), run(reference, torch.bfloat16)):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got.float(), want.float(), rtol=0.03, atol=0.03)
-    strided = unet_model.Conv2d(160, 24, 3, stride=2, padding=1)
+    strided = Conv2d(160, 24, 3, stride=2, padding=1)
     assert not strided._matmul_ok  # the downsampler keeps the library conv
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
-def test_sd1_projections_per_token_equal_the_1x1_convs(monkeypatch, wrapped):
+def test_sd1_projections_per_token_equal_the_1x1_convs(wrapped):
     """SD1's proj_in/proj_out 1x1 convs run as per-token linear maps (no layout copies): same outputs and input
     gradients as the convs; with a LoRA wrapper on them, the wrapper's own path runs and its update counts."""
+    import fastpaths
     import lora
     from tests.helpers import RICH, randomize, randomize_lora
-    from unet import model as unet_model
 
     cfg = dataclasses.replace(RICH, use_linear_in_transformer=False)
-    unet = randomize(UNetModel(cfg))
+    unet = fastpaths.apply(randomize(UNetModel(cfg)))
     if wrapped:
         assert len(lora.inject(unet, 2, 2, ["*.proj_in", "*.proj_out"])) == 22  # 11 transformers
         randomize_lora(unet)
     x0, c = torch.randn(2, 4, 8, 8), torch.randn(2, 5, cfg.context_dim)
 
     def run(pointwise: bool):
-        monkeypatch.setattr(unet_model, "POINTWISE_PROJ", pointwise)
         x = x0.clone().requires_grad_(True)
-        y = unet(x, torch.tensor([10, 700]), c)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        with fastpaths.switched(pointwise_proj=pointwise):
+            y = unet(x, torch.tensor([10, 700]), c)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         return y.detach(), x.grad
 
     for got, want in zip(run(True), run(False)):
@@ -354,10 +354,10 @@ def test_sd1_projections_per_token_equal_the_1x1_convs(monkeypatch, wrapped):
 @pytest.mark.parametrize("stride,autocast", [(1, False), (2, False), (1, True)])
 def test_frozen_conv_keeps_no_input_and_gives_the_same_input_gradient(stride, autocast):
     """A conv with a frozen weight (LoRA training) saves only its weight for backward; the gradient is unchanged."""
-    from unet import model as unet_model
+    from fastpaths.layers import Conv2d
 
     torch.manual_seed(0)
-    conv = unet_model.Conv2d(8, 12, 3, stride=stride, padding=1).requires_grad_(False)
+    conv = Conv2d(8, 12, 3, stride=stride, padding=1).requires_grad_(False)
     x0 = torch.randn(2, 8, 12, 10)
 
     def run(fn):
@@ -379,9 +379,9 @@ def test_frozen_conv_keeps_no_input_and_gives_the_same_input_gradient(stride, au
 
 
 def test_conv_with_trainable_bias_still_gets_its_gradient():
-    from unet import model as unet_model
+    from fastpaths.layers import Conv2d
 
-    conv = unet_model.Conv2d(4, 6, 3, padding=1)
+    conv = Conv2d(4, 6, 3, padding=1)
     conv.weight.requires_grad_(False)
     x = torch.randn(1, 4, 8, 8, requires_grad=True)
     conv(x).square().sum().backward()

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sd import CheckpointError, check_fits
 from vae import SD_SCALE, AutoencoderKL, DiagonalGaussian, VAEConfig, scale_factor
 from vae.model import Downsample
 
@@ -118,15 +119,23 @@ def test_from_state_dict_rejects_bad_input():
         VAEConfig.from_state_dict({"first_stage_model." + k: v for k, v in sd.items()})
     with pytest.raises(ValueError, match="decoder.conv_in.weight"):
         VAEConfig.from_state_dict({"input_blocks.0.0.weight": torch.empty(4, 4, 3, 3, device="meta")})
+
+
+def test_a_state_dict_that_does_not_fit_is_named_key_by_key():
+    """The config reads only the sizes; whether every key and shape fits is sd.load's one check (sd.check_fits)."""
+    with torch.device("meta"):
+        sd = AutoencoderKL(VAEConfig.tiny()).state_dict()
     broken = dict(sd)
     del broken["decoder.up.0.block.1.conv2.bias"]
     broken["encoder.down.0.attn.0.q.weight"] = torch.empty(1, device="meta")
-    with pytest.raises(ValueError, match=r"decoder\.up\.0\.block\.1\.conv2\.bias") as err:
-        VAEConfig.from_state_dict(broken)
-    assert "encoder.down.0.attn.0.q.weight" in str(err.value)
     wrong = dict(sd, **{"decoder.mid.attn_1.q.weight": torch.empty(64, 64, device="meta")})
-    with pytest.raises(ValueError, match=r"decoder\.mid\.attn_1\.q\.weight"):
-        VAEConfig.from_state_dict(wrong)
+    for state, keys in ((broken, ["decoder.up.0.block.1.conv2.bias", "encoder.down.0.attn.0.q.weight"]),
+                        (wrong, ["decoder.mid.attn_1.q.weight"])):
+        with torch.device("meta"):
+            model = AutoencoderKL(VAEConfig.from_state_dict(state))
+        with pytest.raises(CheckpointError) as err:
+            check_fits(model, state, "vae")
+        assert all(k in str(err.value) for k in keys), str(err.value)
 
 
 # ---------------------------------------------------------------- numerics

@@ -1,4 +1,4 @@
-"""Tests for unet/winograd: float32 3x3 convs by Winograd F(4x4, 3x3) against F.conv2d, and when they are used."""
+"""Tests for fastpaths/winograd: float32 3x3 convs by Winograd F(4x4, 3x3) against F.conv2d, and when they are used."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unet import model as unet_model
-from unet import winograd
+import fastpaths
+from fastpaths import Switches, winograd
+from fastpaths.layers import Conv2d, WinogradConv2d
 
 needs_kernel = pytest.mark.skipif(winograd.KERNEL.get() is None, reason="Winograd kernel not built on this machine")
 
@@ -81,7 +82,7 @@ def test_backward_gives_the_input_gradient_only():
 
 
 def test_usable_only_for_frozen_float32_stride1_same_padding_wide_and_enough_tiles():
-    conv = unet_model.Conv2d(128, 128, 3, padding=1)
+    conv = Conv2d(128, 128, 3, padding=1)
     big = torch.zeros(2, 128, 32, 32)  # 2 · 8 · 8 = 128 tiles
     expected = winograd.KERNEL.get() is not None
     assert not winograd.usable(big, conv)  # a trainable weight, autograd on: it needs the library conv's gradient
@@ -91,16 +92,16 @@ def test_usable_only_for_frozen_float32_stride1_same_padding_wide_and_enough_til
     assert winograd.usable(big, conv) == expected
     assert not winograd.usable(big[:1], conv)                               # 64 tiles: oneDNN is faster
     assert not winograd.usable(big.bfloat16(), conv.to(torch.bfloat16))    # float32 only
-    assert not winograd.usable(big, unet_model.Conv2d(128, 128, 3, stride=2, padding=1).requires_grad_(False))
-    assert not winograd.usable(big, unet_model.Conv2d(128, 128, 1).requires_grad_(False))
-    assert not winograd.usable(big, unet_model.Conv2d(128, 4, 3, padding=1).requires_grad_(False))  # few outputs
-    assert not winograd.usable(big[:, :64], unet_model.Conv2d(64, 128, 3, padding=1).requires_grad_(False))
+    assert not winograd.usable(big, Conv2d(128, 128, 3, stride=2, padding=1).requires_grad_(False))
+    assert not winograd.usable(big, Conv2d(128, 128, 1).requires_grad_(False))
+    assert not winograd.usable(big, Conv2d(128, 4, 3, padding=1).requires_grad_(False))  # few outputs
+    assert not winograd.usable(big[:, :64], Conv2d(64, 128, 3, padding=1).requires_grad_(False))
 
 
 @needs_kernel
 def test_unet_conv_takes_the_winograd_path_when_frozen_or_without_grad(calls, monkeypatch):
     torch.manual_seed(3)
-    conv = unet_model.Conv2d(128, 128, 3, padding=1)
+    conv = Conv2d(128, 128, 3, padding=1)
     x = torch.randn(2, 128, 32, 32, requires_grad=True)
     reference = F.conv2d(x.detach().double(), conv.weight.detach().double(), conv.bias.detach().double(), padding=1)
 
@@ -118,8 +119,7 @@ def test_unet_conv_takes_the_winograd_path_when_frozen_or_without_grad(calls, mo
     conv(x).sum().backward()
     assert len(calls) == 2 and x.grad is not None
 
-    monkeypatch.setattr(unet_model, "WINOGRAD_CONV", False)
-    with torch.no_grad():
+    with fastpaths.switched(winograd_conv=False), torch.no_grad():
         conv(x)
     assert len(calls) == 2
 
@@ -127,7 +127,7 @@ def test_unet_conv_takes_the_winograd_path_when_frozen_or_without_grad(calls, mo
 def test_build_failure_falls_back_with_a_warning(broken_build):
     """No compiler (or any build error): one warning, then the library conv."""
     broken_build(winograd.KERNEL)
-    conv = unet_model.Conv2d(128, 128, 3, padding=1).requires_grad_(False)
+    conv = Conv2d(128, 128, 3, padding=1).requires_grad_(False)
     x = torch.zeros(2, 128, 32, 32)
     with pytest.warns(UserWarning, match="Winograd conv kernel not built.*no compiler here"):
         assert not winograd.usable(x, conv)
@@ -139,28 +139,24 @@ def test_build_failure_falls_back_with_a_warning(broken_build):
 
 
 def test_switched_off_by_environment(monkeypatch):
+    """SD_LORA_WINOGRAD=0 starts the process with this switch off: the library conv, and the kernel never built."""
+    monkeypatch.setenv("SD_LORA_WINOGRAD", "0")
+    assert Switches.from_environment() == Switches(winograd_conv=False)
     monkeypatch.setattr(winograd.KERNEL, "state", "untried")  # forget this process's outcome
     monkeypatch.setattr(winograd.KERNEL, "ext", None)
-    monkeypatch.setenv("SD_LORA_WINOGRAD", "0")
-    frozen = unet_model.Conv2d(128, 128, 3, padding=1).requires_grad_(False)
-    assert not winograd.usable(torch.zeros(2, 128, 32, 32), frozen)
-    with pytest.raises(RuntimeError, match="not available"):
-        winograd.conv3x3(torch.zeros(1, 8, 4, 4), torch.zeros(8, 8, 3, 3))
-    with warnings.catch_warnings():
+    frozen = Conv2d(128, 128, 3, padding=1).requires_grad_(False)
+    with warnings.catch_warnings(), fastpaths.switched(Switches.from_environment()), torch.no_grad():
         warnings.simplefilter("error")
-        conv = unet_model.Conv2d(32, 32, 3, padding=1)
-        with torch.no_grad():
-            assert conv(torch.zeros(2, 32, 32, 32)).shape == (2, 32, 32, 32)  # the library conv
+        assert frozen(torch.zeros(2, 128, 32, 32)).shape == (2, 128, 32, 32)  # the library conv
+    assert winograd.KERNEL.state == "untried"
 
 
 @needs_kernel
 def test_vae_convs_take_the_winograd_path(calls, monkeypatch):
-    from vae import model as vae_model
-
     torch.manual_seed(4)
-    conv = vae_model.Conv2d(128, 128, 3, padding=1).requires_grad_(False)
+    conv = WinogradConv2d(128, 128, 3, padding=1).requires_grad_(False)
     x = torch.randn(1, 128, 48, 48)  # 144 tiles
     exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
     assert rel_rms(conv(x), exact) < 1e-5 and len(calls) == 1
-    monkeypatch.setattr(vae_model, "WINOGRAD_CONV", False)
-    assert rel_rms(conv(x), exact) < 1e-6 and len(calls) == 1
+    with fastpaths.switched(winograd_conv=False):
+        assert rel_rms(conv(x), exact) < 1e-6 and len(calls) == 1

@@ -1,18 +1,10 @@
-"""Small helpers shared by the text encoders for reading shapes out of a checkpoint and checking it fits a model."""
+"""Small helpers shared by the text encoders for reading shapes out of a checkpoint and checking token ids."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 import torch
-from torch import nn
-
-_LIST_AT_MOST = 8  # long key lists are cut so the error stays readable
-
-
-def _short(items: list[str]) -> str:
-    head = ", ".join(items[:_LIST_AT_MOST])
-    return head + (f", ... ({len(items)} in all)" if len(items) > _LIST_AT_MOST else "")
 
 
 def shape_of(sd: Mapping[str, torch.Tensor], key: str, ndim: int, what: str) -> tuple[int, ...]:
@@ -36,27 +28,6 @@ def block_count(sd: Mapping[str, torch.Tensor], prefix: str, what: str) -> int:
         missing = sorted(set(range(max(indices) + 1)) - indices)
         raise ValueError(f"{what}: blocks under {prefix!r} have gaps, missing indices {missing}")
     return len(indices)
-
-
-def check_matches(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
-    """Raise a ValueError listing missing, unexpected and mis-shaped keys before load_state_dict would."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = [
-        f"{k} file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(expected)
-        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_short(unexpected)}")
-    if wrong:
-        problems.append(f"wrong shapes: {_short(wrong)}")
-    if problems:
-        raise ValueError(f"{what} state dict does not fit the model; " + "; ".join(problems))
 
 
 def check_tokens(tokens: torch.Tensor, vocab_size: int, context_length: int, what: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import clip_l, open_clip
-from ._state import check_matches, check_tokens
+from ._state import check_tokens
 from .clip_l import ClipLConfig, ClipLTextEncoder
 from .open_clip import OpenClipConfig, OpenClipTextEncoder
 from .tokenizer import END_ID, CLIPTokenizer
@@ -103,11 +103,11 @@ class SDXLTextEncoder(nn.Module):
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> SDXLTextEncoder:
-        """Build on meta and take the tensors as they are (keys without the `conditioner.` prefix)."""
+        """Build on meta and take the tensors as they are (keys without the `conditioner.` prefix); keys and shapes
+        are checked by load_state_dict(strict=True) (sd.load checks a whole file first, with sd.check_fits)."""
         sd = prepare_state_dict(sd)
         with torch.device("meta"):
             model = cls(SDXLTextConfig.from_state_dict(sd))
-        check_matches(model, sd, WHAT)
         model.load_state_dict(sd, strict=True, assign=True)
         model.materialize_buffers()
         return model

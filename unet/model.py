@@ -10,7 +10,6 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import cpu_attention, im2col, winograd
 from .config import UNetConfig
 
 
@@ -37,95 +36,6 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
 
 
-class _FrozenConv2d(torch.autograd.Function):
-    """A conv whose weight gets no gradient (LoRA training): backward needs the weight only, not the input.
-
-    Autograd's conv keeps its input for a weight gradient whether or not one is wanted; for the UNet's frozen
-    convs that input (a full feature map per conv) is dead weight in memory. Same kernels, forward and backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(weight)
-        ctx.conf = (x.shape, x.dtype, stride, padding, dilation, groups)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # autocast, if on, applies here
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        shape, dtype, stride, padding, dilation, groups = ctx.conf
-        grad_x = torch.nn.grad.conv2d_input(shape, weight.to(grad.dtype), grad, stride, padding, dilation, groups)
-        return grad_x.to(dtype), None, None, None, None, None, None
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same keys) with two shortcuts, both measured (bench/README.md):
-
-    - On CPU, a conv over few pixels runs as one matrix product of its unfolded input (im2col). oneDNN re-lays out
-      the whole weight at every call, forward and backward; when the weight dwarfs the activations (SD's
-      1280-2560-channel convs at 8x8 and below) that costs more than the product, which a plain matmul reads in
-      place. On a 2-core Zen 4 in bf16: 2.5-4x faster for 2560->1280 at 4x4-8x8, about 1.2x for 1280->1280 at
-      8x8, slower from 16x16 up; hence the rule below. A 1x1 conv needs no unfolding, and as a matmul it is
-      faster at every size measured (1.1-1.7x, forward and backward, 8x8 to 64x64), so it always takes this path.
-      For 3x3 kernels the unfold and its backward fold are C++ where built (im2col.py), and backward reads the
-      weight as it lies (gradᵀ·W). Other devices keep the library conv.
-    - With a frozen weight, backward keeps the weight only (_FrozenConv2d), on every device.
-    - On CPU in float32, frozen 3x3 convs over many pixels (SD's 320-640-channel convs at 32x32 and up) run by
-      Winograd F(4x4, 3x3) (winograd.py): 1.5-2x faster than oneDNN's direct conv there, forward and backward,
-      at about 10x the rounding error of a direct fp32 conv (still 1000x below bf16's).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (MATMUL_CONV and x.device.type == "cpu" and x.ndim == 4 and self._matmul_ok
-                and (self.kernel_size[0] == 1 or x.shape[0] * x.shape[2] * x.shape[3] * 10 <= self.in_channels)):
-            return self._matmul_forward(x)  # a frozen weight makes the matmul keep nothing but the weight
-        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-        if WINOGRAD_CONV and winograd.usable(x, self):
-            return winograd.conv3x3(x, self.weight, self.bias)
-        if FROZEN_CONV and frozen and torch.is_grad_enabled() and x.requires_grad \
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str):
-            return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                       self.groups)
-        return super().forward(x)
-
-    def _matmul_forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        k = self.kernel_size[0]
-        if k == 3 and IM2COL and im2col.usable(x):
-            out = im2col.product3x3(x, self.weight, self.bias)                    # (out, n·h·w)
-        else:
-            weight = self.weight.flatten(1)
-            cols = F.unfold(x, k, padding=self.padding[0]) if k > 1 else x.flatten(2)  # (n, c·k·k, h·w)
-            # One product for the whole batch, so the weight is read once.
-            cols = cols[0] if n == 1 else cols.transpose(0, 1).flatten(1)             # (c·k·k, n·h·w)
-            out = weight @ cols if self.bias is None else torch.addmm(self.bias[:, None], weight, cols)
-        return out.view(1, -1, h, w) if n == 1 else out.view(-1, n, h, w).transpose(0, 1).contiguous()
-
-    @property
-    def _matmul_ok(self) -> bool:
-        """Square odd kernel, 'same' zero padding, stride 1: the cases the unfold above reproduces exactly."""
-        k = self.kernel_size[0]
-        return (self.kernel_size == (k, k) and k % 2 == 1 and self.padding == (k // 2, k // 2)
-                and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
-                and self.padding_mode == "zeros")
-
-
-# Set False to always use the library conv (for A/B timing and memory); POINTWISE_PROJ: SD1's transformer
-# projections as per-token linear maps (SpatialTransformer.forward); CPU_ATTENTION: our attention kernel (bf16 and
-# float32) where the CPU has AVX-512 BF16 (CrossAttention.forward); WINOGRAD_CONV: float32 3x3 convs by Winograd
-# (Conv2d.forward); IM2COL: the C++ unfold and fold for 3x3 convs that run as one product (Conv2d._matmul_forward).
-MATMUL_CONV = True
-FROZEN_CONV = True
-POINTWISE_PROJ = True
-CPU_ATTENTION = True
-WINOGRAD_CONV = True
-IM2COL = True
-# With gradient checkpointing, blocks whose input has fewer latent pixels than this keep their activations
-# (UNetModel._run); 0 checkpoints every block.
-CHECKPOINT_MIN_PIXELS = 256
-
-
 def norm(channels: int, eps: float = 1e-5) -> GroupNorm32:
     return GroupNorm32(32, channels, eps=eps)
 
@@ -135,13 +45,13 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
-        self.in_layers = nn.Sequential(norm(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            norm(out_channels), nn.SiLU(), nn.Dropout(dropout), Conv2d(out_channels, out_channels, 3, padding=1)
+            norm(out_channels), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1)
         )
         self.skip_connection = (
-            nn.Identity() if channels == out_channels else Conv2d(channels, out_channels, 1)
+            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
         )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -169,36 +79,11 @@ class CrossAttention(nn.Module):
             rearrange(t, "b n (h d) -> b h n d", h=self.heads)
             for t in (self.to_q(x), self.to_k(context), self.to_v(context))
         )
-        # Default scale is dim_head ** -0.5, as in the original. On CPUs with AVX-512 BF16 our own kernel
-        # (cpu_attention.cpp) does the same sum, in bf16 about twice as fast as PyTorch's for SD's head sizes.
-        if CPU_ATTENTION and cpu_attention.usable(q, k, v):
-            out = cpu_attention.attention(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return self.to_out(rearrange(self.attend(q, k, v), "b h n d -> b n (h d)"))
 
-
-class _GatedGELU(torch.autograd.Function):
-    """value * gelu(gate) for (value | gate) = the projection's output, keeping only that output for backward.
-
-    Autograd would also keep gelu(gate), half as big again (4x the model width per token, in every transformer
-    block: a tenth of all saved activations); backward recomputes it with one elementwise op instead.
-    """
-
-    @staticmethod
-    def forward(ctx, projected: torch.Tensor) -> torch.Tensor:
-        value, gate = projected.chunk(2, dim=-1)
-        ctx.save_for_backward(projected)
-        return value * F.gelu(gate)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (projected,) = ctx.saved_tensors
-        value, gate = projected.chunk(2, dim=-1)
-        grad_value = grad * F.gelu(gate)
-        grad_gate = torch.ops.aten.gelu_backward(grad * value, gate)  # d gelu(gate) / d gate, times the incoming
-        return torch.cat([grad_value, grad_gate], dim=-1)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q·kᵀ / sqrt(dim_head))·v for each head: the default scale, as in the original."""
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class GEGLU(nn.Module):
@@ -209,10 +94,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        projected = self.proj(x)
-        if torch.is_grad_enabled() and projected.requires_grad:
-            return _GatedGELU.apply(projected)
-        value, gate = projected.chunk(2, dim=-1)
+        value, gate = self.proj(x).chunk(2, dim=-1)
         return value * F.gelu(gate)
 
 
@@ -251,46 +133,29 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
         self.norm = norm(channels, eps=1e-6)
         # SD1 projects with 1x1 convs before flattening; SD2/SDXL with Linear layers after flattening.
-        self.proj_in = nn.Linear(channels, inner) if use_linear else Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth)
         )
-        self.proj_out = nn.Linear(inner, channels) if use_linear else Conv2d(inner, channels, 1)
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
         height, width = x.shape[-2:]
         h = self.norm(x)
-        # SD1's 1x1 convs are linear maps over channels. As long as they are plain convs (no LoRA wrapper), apply
-        # them as that, per token: the layout change then comes free with the product instead of costing a copy
-        # of the feature map on each side (bench/README.md). A wrapped conv gets the feature map it expects.
-        pointwise = (POINTWISE_PROJ and not self.use_linear
-                     and isinstance(self.proj_in, nn.Conv2d) and isinstance(self.proj_out, nn.Conv2d))
-        if not (self.use_linear or pointwise):
-            h = self.proj_in(h)
+        h = h if self.use_linear else self.proj_in(h)  # SD1: a 1x1 conv on the feature map
         h = rearrange(h, "b c y x -> b (y x) c")
-        if self.use_linear:
-            h = self.proj_in(h)
-        elif pointwise:
-            # As one 2-D product: with a batch the token view is strided across samples, and a batched product
-            # would copy the weight for each sample (measured slower); reshape copies the activations once instead.
-            h = F.linear(h.reshape(-1, h.shape[-1]), self.proj_in.weight.flatten(1), self.proj_in.bias)
-            h = h.view(x.shape[0], -1, h.shape[-1])
+        h = self.proj_in(h) if self.use_linear else h  # SD2/SDXL: a linear map on the tokens
         for block in self.transformer_blocks:
             h = checkpoint(block, h, context, use_reentrant=False) if checkpointed else block(h, context)
-        if self.use_linear:
-            h = self.proj_out(h)
-        elif pointwise:
-            h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        h = self.proj_out(h) if self.use_linear else h
         h = rearrange(h, "b (y x) c -> b c y x", y=height, x=width)
-        if not (self.use_linear or pointwise):
-            h = self.proj_out(h)
-        return x + h
+        return x + (h if self.use_linear else self.proj_out(h))
 
 
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -299,7 +164,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         # `size` is the next skip's: for latents that are not a multiple of 8 the downsampled side was
@@ -335,6 +200,9 @@ class UNetModel(nn.Module):
     """Predicts noise (or v) for latents `x` at `timesteps`, conditioned on text `context` (and SDXL's `y`)."""
 
     gradient_checkpointing: bool = False
+    # With gradient checkpointing, blocks whose input has fewer latent pixels than this keep their activations
+    # (_run); 0 checkpoints every block.
+    checkpoint_min_pixels: int = 256
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -352,7 +220,7 @@ class UNetModel(nn.Module):
                                       cfg.use_linear_in_transformer, cfg.dropout)
 
         # Encoder: remember each block's output width, since the decoder concatenates them back in.
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_chans, ch = [mc], mc
         for level, out_ch in enumerate(cfg.level_channels):
             for _ in range(cfg.num_res_blocks):
@@ -384,14 +252,14 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,
              context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         # Deep blocks over few pixels hold little activation memory but run weight-bound products (large weights,
         # few columns); recomputing them would cost time and save next to nothing, so they keep their activations.
         checkpointed = (self.gradient_checkpointing and self.training
-                        and h.shape[-2] * h.shape[-1] >= CHECKPOINT_MIN_PIXELS)
+                        and h.shape[-2] * h.shape[-1] >= self.checkpoint_min_pixels)
         return block(h, emb, context, size, checkpointed=checkpointed)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,

@@ -6,23 +6,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from unet import winograd
-
 from .config import VAEConfig
-
-# Set False to always use the library conv (A/B timing): float32 3x3 convs by Winograd on CPU (Conv2d.forward).
-WINOGRAD_CONV = True
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same keys); on CPU in float32 its 3x3 convs go through Winograd F(4x4, 3x3)
-    (unet/winograd.py): 1.5-2x faster than oneDNN's direct conv at the VAE's sizes, at about 10x a direct fp32
-    conv's rounding error (1000x below bf16's)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if WINOGRAD_CONV and winograd.usable(x, self):
-            return winograd.conv3x3(x, self.weight, self.bias)
-        return super().forward(x)
 
 # Latents are multiplied by this before diffusion so that they have roughly unit variance.
 SD_SCALE = 0.18215     # SD 1.x and SD 2.x
@@ -48,9 +32,9 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, groups: int):
         super().__init__()
         self.norm1 = _norm(in_ch, groups)
-        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.norm2 = _norm(out_ch, groups)
-        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -91,7 +75,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = Conv2d(ch, ch, 3, padding=1)
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -122,7 +106,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         g, widths = cfg.norm_groups, [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         w_in = cfg.ch
         for i, w in enumerate(widths):
@@ -132,7 +116,7 @@ class Encoder(nn.Module):
             w_in = w
         self.mid = Mid(w_in, g)
         self.norm_out = _norm(w_in, g)
-        self.conv_out = Conv2d(w_in, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(w_in, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -150,7 +134,7 @@ class Decoder(nn.Module):
         super().__init__()
         g, widths = cfg.norm_groups, [cfg.ch * m for m in cfg.ch_mult]
         w_in = widths[-1]
-        self.conv_in = Conv2d(cfg.z_channels, w_in, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, w_in, 3, padding=1)
         self.mid = Mid(w_in, g)
         # Built from the lowest resolution up, but stored so that up[0] is the full-resolution level,
         # matching the checkpoint numbering (and the encoder's down[i]).
@@ -162,7 +146,7 @@ class Decoder(nn.Module):
             w_in = w
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(w_in, g)
-        self.conv_out = Conv2d(w_in, cfg.out_ch, 3, padding=1)
+        self.conv_out = nn.Conv2d(w_in, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))

@@ -3,7 +3,7 @@
 `attention(q, k, v)` equals `F.scaled_dot_product_attention(q, k, v)` (default scale 1/sqrt(d), no mask) for
 bf16 or float32 CPU tensors shaped [batch, heads, tokens, d]; `usable(q, k, v)` says whether this kernel takes them.
 When the CPU lacks AVX-512 BF16 or the build fails (no compiler), `usable` is False and callers keep PyTorch's kernel.
-Set SD_LORA_CPU_ATTENTION=0 to turn it off, SD_LORA_EXT_DIR to move the build cache.
+The `cpu_attention` switch (switches.py; SD_LORA_CPU_ATTENTION=0) turns it off, SD_LORA_EXT_DIR moves the build cache.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from . import cpu_build
+from . import build
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 MAX_HEAD_DIM = 256
 
-KERNEL = cpu_build.Kernel("sd_lora_cpu_attention", SOURCE, "CPU attention kernel", "SD_LORA_CPU_ATTENTION")
+KERNEL = build.Kernel("sd_lora_cpu_attention", SOURCE, "CPU attention kernel")
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -5,8 +5,8 @@ the rounding error of a direct fp32 conv (a few 1e-6 relative; bf16 is at 1e-3).
 only: the weight must be frozen, as in LoRA training) is the same transform on the rotated filters.
 `usable(x, conv)` says whether a conv layer may take this path: float32, 3x3, stride 1, zero padding 1, no weight
 gradient wanted (frozen, or autograd off), enough pixels and channels for the 36 matrix products to beat oneDNN's
-direct conv, and the kernel built (see cpu_build.py). The UNet's and the VAE's Conv2d layers ask it.
-Set SD_LORA_WINOGRAD=0 to turn it off.
+direct conv, and the kernel built (see build.py). The UNet's and the VAE's convs ask it (layers.py).
+The `winograd_conv` switch (switches.py; SD_LORA_WINOGRAD=0) turns it off.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import cpu_build
+from . import build
 
 SOURCE = Path(__file__).with_name("winograd.cpp")
 # Below this many 4x4 output tiles per call (batch · h/4 · w/4), or this many input or output channels, the 36
@@ -30,7 +30,7 @@ MIN_CHANNELS = 128
 # fresh pages. SD's UNet convs at 512 px then take one chunk; the VAE's at 256-512 pixels take several.
 BUDGET_FLOATS = 6 << 20
 
-KERNEL = cpu_build.Kernel("sd_lora_winograd", SOURCE, "Winograd conv kernel", "SD_LORA_WINOGRAD")
+KERNEL = build.Kernel("sd_lora_winograd", SOURCE, "Winograd conv kernel")
 
 
 def usable(x: torch.Tensor, conv: nn.Conv2d) -> bool:

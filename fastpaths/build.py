@@ -1,20 +1,19 @@
 """Builds our C++ CPU kernels (cpu_attention.cpp, winograd.cpp, im2col.cpp) once per machine and torch version.
 
 The build uses `torch.utils.cpp_extension` (g++ and ninja) and is cached under ~/.cache/sd-lora (SD_LORA_EXT_DIR
-moves it). Where it cannot be built (no compiler, a CPU without AVX-512 BF16, not Linux) callers get None, with one
-warning if the build itself failed, and keep PyTorch's kernels. Each kernel module holds one `Kernel`, which builds
-and loads on first use.
+moves it: switches.build_dir). Where it cannot be built (no compiler, a CPU without AVX-512 BF16, not Linux) callers
+get None, with one warning if the build itself failed, and keep PyTorch's kernels. Each kernel module holds one
+`Kernel`, which builds and loads on first use.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
 
-import torch
+from .switches import build_dir
 
 # -fopenmp: at::parallel_for is a header template that is serial unless the extension itself is built with
 # OpenMP; the library it links is the libgomp torch has already loaded.
@@ -27,11 +26,6 @@ def cpu_has_avx512_bf16() -> bool:
     except OSError:  # not Linux: no cheap way to ask, so stay with PyTorch's kernels
         return False
     return "avx512_bf16" in flags.split() and "avx512bw" in flags.split()
-
-
-def build_dir() -> Path:
-    default = Path.home() / ".cache" / "sd-lora" / f"ext-torch{torch.__version__.replace('+', '_')}"
-    return Path(os.environ.get("SD_LORA_EXT_DIR", default))
 
 
 def build(name: str, source: Path, what: str) -> ModuleType | None:
@@ -57,13 +51,13 @@ def build(name: str, source: Path, what: str) -> ModuleType | None:
 class Kernel:
     """One of our kernels, built (or taken from the cache) the first time `get()` is called, at most once a process.
 
-    `switch` is the environment variable that turns it off ("0"). `get()` returns the compiled module, or None where
-    the kernel can't be had: switched off, a CPU without AVX-512 BF16 (the build flags above assume it), or a failed
-    build. `state` is "untried", "ready" or "off".
+    `get()` returns the compiled module, or None where the kernel can't be had: a CPU without AVX-512 BF16 (the
+    build flags above assume it) or a failed build. `state` is "untried", "ready" or "off". Whether a layer asks at
+    all is the switches' business (switches.py): a kernel switched off is never built.
     """
 
-    def __init__(self, name: str, source: Path, what: str, switch: str) -> None:
-        self.name, self.source, self.what, self.switch = name, source, what, switch
+    def __init__(self, name: str, source: Path, what: str) -> None:
+        self.name, self.source, self.what = name, source, what
         self.ext: ModuleType | None = None
         self.state = "untried"
 
@@ -71,7 +65,7 @@ class Kernel:
         if self.state != "untried":
             return self.ext
         self.state = "off"
-        if os.environ.get(self.switch, "1") == "0" or not cpu_has_avx512_bf16():
+        if not cpu_has_avx512_bf16():
             return None
         self.ext = build(self.name, self.source, self.what)
         if self.ext is not None:

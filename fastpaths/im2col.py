@@ -1,11 +1,11 @@
-"""3x3 convolutions as one matrix product on CPU, with im2col in C++ (im2col.cpp); used by model.Conv2d.
+"""3x3 convolutions as one matrix product on CPU, with im2col in C++ (im2col.cpp); used by layers.Conv2d.
 
 `product3x3(x, weight, bias)` is `F.conv2d(x, weight, bias, padding=1)` computed as one matrix product
 W (out, c·9) · cols (c·9, n·h·w), the columns unfolded in C++ (`unfold3x3`: F.unfold's rows, the batch along the
 columns). Backward takes gradᵀ·W, which reads the weight as it lies, and folds the columns back in C++ (`fold3x3`),
 summing the nine contributions to each pixel in float32 and rounding once (PyTorch's bf16 fold rounds after every
 addition). `usable(x)` says whether this path takes x: a bf16 or float32 CPU tensor, and the kernel built (see
-cpu_build.py). Set SD_LORA_IM2COL=0 to turn it off.
+build.py). The `im2col` switch (switches.py; SD_LORA_IM2COL=0) turns it off.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from . import cpu_build
+from . import build
 
 SOURCE = Path(__file__).with_name("im2col.cpp")
-KERNEL = cpu_build.Kernel("sd_lora_im2col", SOURCE, "im2col kernel", "SD_LORA_IM2COL")
+KERNEL = build.Kernel("sd_lora_im2col", SOURCE, "im2col kernel")
 
 
 def usable(x: torch.Tensor) -> bool:
