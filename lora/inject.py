@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,7 +72,8 @@ def candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from walk(model, "")
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at `path` (dotted, as named_modules gives it) inside `model`, in place of what is there."""
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, name, module)
@@ -115,7 +117,7 @@ def inject(model_part: nn.Module, rank: int = 4, alpha: float | None = None,
         if r == 0:
             continue
         layer = wrap(module, r, a, rs=rs, dropout=dropout, init=init, name=name, dtype=dtype)
-        _set_module(model_part, path, layer)
+        set_module(model_part, path, layer)
         injected.append(path)
     freeze_base(model_part)
     for path in injected:
@@ -212,7 +214,7 @@ def remove(model: nn.Module, name: str | None = None, *, merge: bool = False) ->
             layer.base = top
             top = layer
         if top is not module:
-            _set_module(model, path, top)
+            set_module(model, path, top)
     return sorted(set(removed))
 
 
@@ -253,6 +255,14 @@ def base_state_dict(model: nn.Module, *, merged: bool = False) -> dict[str, torc
                 w = w + lay.pissa_offset()
         out[f"{path}.weight"] = w.to(layer.weight.dtype)
     return out
+
+
+def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """A whole model's weights under its checkpoint keys, every LoRA folded in at its current multiplier: what the
+    model computes, e.g. for `model.save(path, tensors=lora.merged_state_dict(model))`. `model` is anything with
+    `.parts`, {checkpoint prefix: module} (a StableDiffusion). Does not change the model."""
+    return {prefix + k: v for prefix, module in model.parts.items()
+            for k, v in base_state_dict(module, merged=True).items()}
 
 
 def report(model: nn.Module, name: str | None = None) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 from atomic import atomic_path
 
 from . import names
-from .inject import _set_module, candidates, freeze_base, named_lora_layers
+from .inject import candidates, freeze_base, named_lora_layers, set_module
 from .layer import _LoRALayer, wrap
 
 FORMATS = ("kohya", "diffusers")
@@ -550,7 +550,7 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
             # Only the new factors' flags change; the base layer keeps whatever it had.
             layer.lora_down.weight.requires_grad_(trainable)
             layer.lora_up.weight.requires_grad_(trainable)
-            _set_module(module, mpath, layer)
+            set_module(module, mpath, layer)
         modules.append(f"{part}:{mpath}" if len(parts) > 1 else mpath)
     if trainable and not merge:
         for module in parts.values():

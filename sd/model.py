@@ -8,8 +8,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import lora
-
 from schedule import DDPMSchedule
 from text import CLIPTokenizer, vector_conditioning
 from unet import UNetModel
@@ -122,16 +120,16 @@ class StableDiffusion:
         return self.vae.decode(latents / self.scale_factor, slice_size=slice_size)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """All weights under their original checkpoint keys. Live LoRA layers are folded in at their
-        current scale, so the file computes what this model computes."""
-        out: dict[str, torch.Tensor] = {}
-        for prefix, module in self.parts.items():
-            out.update({prefix + k: v for k, v in lora.base_state_dict(module, merged=True).items()})
-        return out
+        """All weights under their original checkpoint keys, as the three parts hold them. LoRA layers are not
+        this object's business: fold them in first (lora.remove(part, merge=True)), or take
+        lora.merged_state_dict(model), which folds them in at their current scale and leaves the model as it is."""
+        return {prefix + k: v for prefix, module in self.parts.items() for k, v in module.state_dict().items()}
 
-    def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-        """Write an original-layout .safetensors or .ckpt (by extension), atomically."""
-        tensors = self.state_dict()
+    def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
+             tensors: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write an original-layout .safetensors or .ckpt (by extension), atomically: `tensors` (original keys,
+        e.g. lora.merged_state_dict(model)), by default state_dict()."""
+        tensors = self.state_dict() if tensors is None else tensors
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         metadata = {"modelspec.prediction_type": "v" if self.prediction_type == "v_prediction" else "epsilon",

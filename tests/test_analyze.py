@@ -1,4 +1,4 @@
-"""lora.analyze: the analyses on synthetic matrices with known answers, extract/resize round trips, bad input."""
+"""analysis: the analyses on synthetic matrices with known answers, extract/resize round trips, bad input."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import analysis as la
 import lora
 import sd
-from lora import analyze as la
-from lora import spectral as sp
-from lora.deltas import Delta, Run
+from analysis import spectral as sp
+from analysis.deltas import Delta, Run
 from sd.checkpoint import write_state_dict
 from sd.tiny import tiny_state_dict
 
@@ -178,7 +178,7 @@ def files(tmp_path_factory):
             layer.lora_up.weight.copy_(torch.randn(layer.lora_up.weight.shape, generator=g) * 0.1)
     deltas = {p: layer.lora_weight().detach().double() for p, layer in lora.named_lora_layers(model.unet)}
     lora.save(root / "a.safetensors", model.unet, dtype=torch.float32)
-    model.save(root / "merged.safetensors")                      # W0 + ΔW, fp32
+    model.save(root / "merged.safetensors", tensors=lora.merged_state_dict(model))  # W0 + ΔW, fp32
     write_state_dict(root / "sd2.safetensors", tiny_state_dict("sd2", seed=1))
     # Another model: the same UNet but a 48-wide text context, so the cross-attention to_k / to_v differ.
     from unet import UNetConfig, UNetModel

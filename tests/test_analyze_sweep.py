@@ -1,4 +1,4 @@
-"""lora.analyze sweep: a tiny grid trained with train.py, measured on held-out images, reused when run again."""
+"""analysis sweep: a tiny grid trained with train.py, measured on held-out images, reused when run again."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import analysis as la
 import lora
 import sd
 import train
-from lora import analyze as la
-from lora.sweep import SweepGrid, toy_scores, validation_batches, validation_loss
+from analysis.sweep import SweepGrid, toy_scores, validation_batches, validation_loss
 from sd.checkpoint import write_state_dict
 from sd.tiny import tiny_state_dict
 

@@ -314,6 +314,28 @@ def test_stacked_adapters_and_multipliers():
     assert not (both - only_a).abs().max() < 1e-4
 
 
+def test_merged_state_dict_is_a_checkpoint_of_what_the_model_computes(tmp_path):
+    """sd knows nothing of LoRA: lora.merged_state_dict gives a StableDiffusion's weights with every LoRA folded in,
+    under the checkpoint's keys, and leaves the model as it is."""
+    import sd
+    from sd.checkpoint import write_state_dict
+    from sd.tiny import tiny_state_dict
+
+    model = sd.load(write_state_dict(tmp_path / "base.safetensors", tiny_state_dict("sd1")))
+    lora.inject(model.unet, rank=2, targets="all")
+    randomize_lora(model.unet)
+    x, t, c = unet_inputs(model.unet.cfg)
+    c = torch.randn(2, 5, model.unet.cfg.context_dim)
+    with torch.no_grad():
+        want = model.unet(x, t, c)
+    tensors = lora.merged_state_dict(model)
+    assert tensors.keys() == tiny_state_dict("sd1").keys()
+    assert lora.lora_layers(model.unet)  # still there
+    again = sd.load(model.save(tmp_path / "merged.safetensors", tensors=tensors))
+    with torch.no_grad():
+        torch.testing.assert_close(again.unet(x, t, c), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("init", ["kaiming", "pissa"])
 @pytest.mark.parametrize("merged", [False, True])
 def test_base_state_dict_and_remove(init, merged):

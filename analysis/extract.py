@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+
+from lora.io import base_model_version, num_res_blocks
+from lora.names import kohya_name
+from sd import write_state_dict
 
 from . import plots
 from . import spectral as sp
@@ -31,8 +36,6 @@ def write_lora(path: str | os.PathLike, modules: dict[str, tuple[torch.Tensor, t
     kohya keys: '<key>.lora_down.weight', '.lora_up.weight', '.alpha'. diffusers keys: '<key>.lora_A.weight',
     '.lora_B.weight', with alpha/r folded into B (diffusers readers assume alpha = r).
     """
-    from sd.checkpoint import write_state_dict  # sd imports lora
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA files are written as .safetensors, got {path}")
@@ -110,9 +113,6 @@ def extract(tuned: str | os.PathLike, base: str | os.PathLike | Base, rank: int,
     to give each layer only the rank that holds that much of its ||ΔW||² (at most rank). targets: only
     these layers (a preset like 'attn-mlp', or patterns); layers the fine-tune did not change are left out.
     """
-    from .io import base_model_version, num_res_blocks
-    from .names import kohya_name
-
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise ValueError(f"rank and conv_rank must be >= 1, got {rank}, {conv_rank}")
     base = base if isinstance(base, Base) else load_base(base)
@@ -154,7 +154,6 @@ def extract(tuned: str | os.PathLike, base: str | os.PathLike | Base, rank: int,
 
 
 def _file_dtype(path: str) -> torch.dtype:
-    from safetensors import safe_open
     if not path.endswith(".safetensors"):
         return torch.float16
     with safe_open(path, framework="pt") as f:

@@ -22,6 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+import sd
+from lora.inject import candidates, inject, named_lora_layers, remove
+from lora.io import num_res_blocks
+from lora.layer import lora_params
+from lora.names import kohya_name
+from sd.model import TEXT_PREFIX, UNET_PREFIX, text_prefix
+
 from . import plots
 from . import spectral as sp
 from .deltas import TE, Delta, Run, block_key, block_of, common_layers, kind_of, select
@@ -393,26 +400,12 @@ MODEL_PRESETS = ("sd15", "sd1", "sd2", "tiny")
 
 def meta_model(model: str) -> dict[str, torch.nn.Module]:
     """{'unet': ..., 'te': ...} built on the meta device (shapes only, no memory) from a preset or a checkpoint."""
-    from text import ClipLConfig, ClipLTextEncoder, OpenClipConfig, OpenClipTextEncoder
-    from unet import UNetConfig, UNetModel
-
-    with torch.device("meta"):
-        if model in ("sd15", "sd1"):
-            return {"unet": UNetModel(UNetConfig.sd1()), "te": ClipLTextEncoder(ClipLConfig())}
-        if model == "sd2":
-            return {"unet": UNetModel(UNetConfig.sd2()), "te": OpenClipTextEncoder(OpenClipConfig())}
-        if model == "tiny":
-            import dataclasses
-            te = ClipLTextEncoder(ClipLConfig.tiny())
-            return {"unet": UNetModel(dataclasses.replace(UNetConfig.tiny_sd1(), context_dim=te.config.width)),
-                    "te": te}
-    from sd.checkpoint import CheckpointFile
-    from sd.load import build_models, detect_version, split_parts
-    from sd.model import TEXT_PREFIX, UNET_PREFIX
-    ckpt = CheckpointFile(model)
-    parts = split_parts(ckpt)
-    built = build_models(ckpt, parts, detect_version(parts), None)  # on the meta device: no weight is read
-    return {"unet": built[UNET_PREFIX], "te": built[TEXT_PREFIX]}
+    if model in MODEL_PRESETS:
+        parts, text = sd.build_preset("sd1" if model == "sd15" else model), TEXT_PREFIX
+    else:
+        _, version, parts = sd.build_meta(model)  # only the header is read
+        text = text_prefix(version)
+    return {"unet": parts[UNET_PREFIX], "te": parts[text]}
 
 
 def _file_bytes(layers: list[tuple[str, int, int, tuple]], bytes_per_param: int) -> int:
@@ -439,11 +432,6 @@ def params(model: str = "sd15", ranks: Sequence[int] = (4, 8, 16, 64), targets: 
     model: "sd15"/"sd1", "sd2", "tiny", or a checkpoint path (only its shapes are read). targets as for
     lora.inject (a preset or patterns); text_encoder=True also counts a LoRA on the text encoder.
     """
-    from .inject import inject, named_lora_layers, remove
-    from .io import num_res_blocks
-    from .layer import lora_params
-    from .names import kohya_name
-
     parts = meta_model(model)
     if not text_encoder:
         parts.pop("te")
@@ -507,7 +495,6 @@ def params(model: str = "sd15", ranks: Sequence[int] = (4, 8, 16, 64), targets: 
 
 def _example_layer(unet: torch.nn.Module, targets, ranks: Sequence[int]) -> str:
     """One worked line for the first targeted layer: d·k vs r·(d+k)."""
-    from .inject import candidates
     names = select([p for p, _ in candidates(unet)], targets)
     if not names:
         return ""

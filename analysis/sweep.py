@@ -25,6 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import lora
+import sd
+from data import LatentLoader, encode_dataset
+from lora.inject import named_lora_layers
+from sampling import generate, grid as image_grid, to_pil
+
 from . import plots
 from .deltas import TE, block_key, block_of
 from .results import Result
@@ -139,7 +145,6 @@ def validation_batches(model, images: str | Path, cache: str | Path, resolution:
     """Held-out images encoded once (posterior means, no flips, file order): the same inputs for every run.
 
     model: the base (sd.StableDiffusion) before any LoRA is applied, or its checkpoint path."""
-    from data import LatentLoader, encode_dataset
     encode_dataset(images, cache, model, resolution=resolution, seed=seed)
     loader = LatentLoader(cache, batch_size=batch_size, seed=seed, shuffle=False, flip=False, sample=False)
     return [loader.batch(i) for i in range(loader.steps_per_epoch)]
@@ -200,7 +205,6 @@ def toy_scores(folder: str | Path) -> dict[str, float] | None:
 
 def block_norms(model_parts: dict[str, torch.nn.Module], name: str) -> dict[str, float]:
     """||ΔW||_F per block of adapter `name` (sqrt of the sum of its layers' squared norms)."""
-    from .inject import named_lora_layers
     out: dict[str, float] = {}
     for part, module in model_parts.items():
         for path, layer in named_lora_layers(module, name):
@@ -220,10 +224,6 @@ def sweep(grid: SweepGrid, train_args: Sequence[str], out: str | Path, *, val_im
     concept_score, forgetting_score (and their base values): from each run's scores.json when train.py wrote one
     (the built-in toy checkpoint with toy_eval on).
     """
-    import lora
-    import sd
-    from sampling import generate, grid as image_grid, to_pil
-
     out = Path(out)
     points, cfg = train_grid(grid, train_args, out)
     val_images = val_images or _toy_val_images(cfg, out)

@@ -22,10 +22,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import io as lora_io
-from .inject import PRESETS, candidates, named_lora_layers, remove
-from .io import load as load_lora
-from .names import DIFFUSERS_PREFIX
+import sd
+from lora import io as lora_io
+from lora.inject import PRESETS, candidates, named_lora_layers, remove
+from lora.io import load as load_lora
+from lora.names import DIFFUSERS_PREFIX
+from sd.load import text_state_dict_preparer
+from sd.model import TEXT_PREFIX, UNET_PREFIX
 
 TE = "te:"
 
@@ -197,9 +200,6 @@ def load_base(path: str | Path, text_encoder: bool = True, dtype: torch.dtype | 
     dtype None keeps the file's own precision (fp16 files stay fp16: exact, and half the memory of fp32);
     the analyses convert each weight to float64 when they use it.
     """
-    import sd  # sd imports lora: keep this module importable from inside lora
-    from sd.model import TEXT_PREFIX, UNET_PREFIX
-
     if dtype is None:
         kinds = [t.dtype for k, t in sd.CheckpointFile(path).shapes.items()
                  if k.startswith(UNET_PREFIX) and t.is_floating_point()]
@@ -217,8 +217,6 @@ def load_base(path: str | Path, text_encoder: bool = True, dtype: torch.dtype | 
 
 def is_full_checkpoint(path: str | Path) -> bool:
     """True for an original SD checkpoint (it has UNet keys), False for anything else, e.g. a LoRA file."""
-    import sd
-    from sd.model import UNET_PREFIX
     try:
         keys = sd.CheckpointFile(path).keys()
     except ValueError:
@@ -258,6 +256,16 @@ def load_run(path: str | Path, base: Base | None = None, label: str | None = Non
         raise ValueError(f"{path}: no layers left to analyse" + (f" after targets={targets!r}" if targets else "")
                          + hint)
     return run
+
+
+def load_runs(paths: list[str], base: str | None = None, labels: list[str] | None = None, layers: str | None = None,
+              progress: bool = True) -> list[Run]:
+    """Load several runs against one base (loaded once); labels default to the file (or run folder) names."""
+    if labels and len(labels) != len(paths):
+        raise ValueError(f"got {len(labels)} labels for {len(paths)} runs")
+    labels = unique_labels(labels or [default_label(p) for p in paths])
+    base_obj = load_base(base) if base else None
+    return [load_run(p, base_obj, label, targets=layers, progress=progress) for p, label in zip(paths, labels)]
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, Delta], dict[str, str]]:
@@ -316,13 +324,9 @@ def _lora_on_base(path: str, base: Base, label: str) -> Run:
 
 def _full_run(path: str, base: Base, label: str, targets: str | Sequence[str] | None, progress: bool) -> Run:
     """W_tuned − W_base for every layer the tuned file changed; the two files must have the same layers."""
-    import sd
-    from sd.model import TEXT_PREFIX
-    from text import clip_l, open_clip
-
     ckpt = sd.CheckpointFile(path)
     # Text-encoder keys of old-layout SD1 files lack 'text_model.': find each layer's key as this file spells it.
-    prepare = clip_l.prepare_state_dict if base.model.version == "sd1" else open_clip.prepare_state_dict
+    prepare = text_state_dict_preparer(base.model.version)
     file_keys = {k: k for k in ckpt.shapes}
     for k, t in ckpt.shapes.items():
         if k.startswith(TEXT_PREFIX):
