@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from devices import resolve_device
+from devices import precision_warning, resolve_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -53,12 +53,19 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_lora(text: str) -> LoraSpec:
-    """'FILE' or 'FILE:SCALE' (the last ':' starts the scale only if what follows is a number)."""
-    path, _, scale = text.rpartition(":")
-    try:
-        return LoraSpec(Path(path), float(scale)) if path else LoraSpec(Path(text), 1.0)
-    except ValueError:
+    """'FILE' or 'FILE:SCALE'. A name that is itself an existing file is taken whole (a ':' may be part of it);
+    otherwise what follows the last ':' must be a number."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or not path or Path(text).is_file() or "/" in scale or "\\" in scale:
         return LoraSpec(Path(text), 1.0)
+    try:
+        value = float(scale)
+    except ValueError:
+        raise InputError(f"--lora {text}: the scale {scale!r} after the last ':' is not a number "
+                         f"(expected FILE or FILE:SCALE, e.g. {path}:0.8)") from None
+    if not math.isfinite(value):
+        raise InputError(f"--lora {text}: the scale must be a finite number, got {scale!r}")
+    return LoraSpec(Path(path), value)
 
 
 def parse_scales(text: str) -> list[float]:
@@ -112,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder, created if missing; files are never overwritten (default: outputs)")
     p.add_argument("--grid", action="store_true", help="also write a grid of the batch (default: off)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="dtype of the weights and activations (default: fp16 on CUDA, fp32 on CPU)")
+                   help="dtype of the weights and activations (default: fp16 on CUDA, fp32 on CPU; bf16 is fast only on "
+                        "CPUs with native bf16 (AVX512_BF16, AMX, Arm BF16), elsewhere it is emulated and much slower)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:1 (default: cuda if available, else cpu)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                    help="override the detected prediction type; SD2 768-v and 512 files have the same shapes "
@@ -179,7 +187,7 @@ def _name_loras(loras: list[LoraSpec]) -> None:
 
 def default_size(version: str, ckpt: Path) -> int:
     """The side the model was trained at: what --size defaults to."""
-    from training.config import is_builtin_toy
+    from toy.hooks import is_builtin_toy
     if is_builtin_toy(ckpt):
         return 32
     return 1024 if version == "sdxl" else 512
@@ -206,7 +214,13 @@ def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int) -> tup
         if v % multiple:
             raise InputError(f"--size {width}x{height}: {name} {v} is not a multiple of {multiple}; this model's VAE "
                              f"downsamples by {multiple} (try {max(multiple, round(v / multiple) * multiple)})")
+    from lora.io import read_tensors
+
     for spec in loras:
+        try:
+            read_tensors(spec.path)  # an empty, truncated or pickled file: one line that names it
+        except (ValueError, OSError) as err:
+            raise InputError(f"--lora {err}") from None
         try:
             info = lora.load(spec.path, {"unet": unet, "text_encoder": text}, scale=spec.scale, name=spec.name)
         except (ValueError, TypeError, OSError) as err:
@@ -247,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device or "auto")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    warning = precision_warning(args.dtype or "", device)
+    if warning and not args.quiet:
+        print(f"warning: {warning}", file=sys.stderr)
     seed = args.seed if args.seed >= 0 else secrets.randbelow(2**32)
     seeds = [seed + i for i in range(args.batch)]
     progress = not args.quiet

@@ -23,11 +23,11 @@ import contextlib
 import json
 import math
 import resource
-import shutil
-import signal
+import shlex
 import sys
 import time
 from pathlib import Path
+from time import monotonic
 
 import torch
 import torch.distributed as dist
@@ -38,12 +38,15 @@ from tqdm import tqdm
 import lora
 import sd
 from atomic import write_text
-from devices import resolve_device
 from data import CacheMismatchError, LatentLoader, encode_dataset
+from devices import auto_precision, precision_warning, resolve_device
 from sampling import generate, grid, save_png, to_pil
-from training.config import TrainConfig, is_builtin_toy, parse_args
+from toy import hooks as toy
+from training.config import TrainConfig, is_builtin_toy, parse_command_line, resumed_config
+from training.interrupt import Interrupted, Interrupts, quiet_on_broken_pipe, say
 from training.optim import lr_factor, make_optimizer, param_groups, set_lr
-from training.state import load_state, resolve, save_state
+from training.state import (load_state, read_header, remove_stale_temp_files, resolve, save_state, set_rng_states,
+                            truncate_log)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,13 +72,15 @@ def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
 
 
 def pick_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            print("note: fp16 on CPU is very slow (no fast fp16 matmul); bf16 is the CPU's mixed precision", file=sys.stderr)
+    """The precision to train in, with one line saying why when it was chosen (auto) or will be slow (explicit)."""
+    if precision == "auto":
+        precision, why = auto_precision(device)
+        say(f"precision: {precision} (auto: {why})", file=sys.stderr)
         return precision
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "fp16"
-    return "bf16"
+    warning = precision_warning(precision, device)
+    if warning:
+        say(f"warning: {warning}", file=sys.stderr)
+    return precision
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -183,70 +188,76 @@ def prepare_data(cfg: TrainConfig, out: Path, rank: int, world: int) -> Path:
     """Encode the images once (rank 0), reuse the cache afterwards. Returns the cache folder."""
     cache = Path(cfg.cache) if cfg.cache else out / "cache"
     if rank == 0:  # the toy's images too are written by rank 0 alone: ranks racing on one folder would collide
-        images = cfg.images or str(toy_images(cfg, out))
+        images = cfg.images or str(toy.concept_images(cfg.toy_concept, cfg.toy_images, out))
         report = encode_dataset(images, cache, cfg.ckpt, resolution=cfg.resolution, bucket=cfg.bucket,
                                 bucket_step=cfg.bucket_step if cfg.bucket else 8,
                                 flip=cfg.flip, prompt=cfg.prompt or None, repeats=cfg.repeats,
                                 text=not cfg.train_text_encoder, seed=cfg.seed)
-        print(report)
+        say(report)
     if world > 1:
         dist.barrier()
     return cache
 
 
-def toy_images(cfg: TrainConfig, out: Path) -> Path:
-    """The default dataset: captioned images of the toy world's held-out concept, written once as PNG + .txt."""
-    if not is_toy(cfg):
-        raise ValueError("images: no image folder given (--images DIR); only the built-in toy checkpoint has default images")
-    from toy import world
-    folder = out / f"toy_{cfg.toy_concept}_images"
-    if not folder.is_dir():
-        write_folder_once(folder, *world.concept_dataset(cfg.toy_concept, cfg.toy_images))
-    return folder
+def lora_targets(cfg: TrainConfig) -> str | list[str]:
+    return cfg.targets if cfg.targets in lora.PRESETS else [t.strip() for t in cfg.targets.split(",")]
 
 
-def write_folder_once(folder: Path, images, scenes) -> None:
-    """The toy's generated images and captions, written beside the folder and renamed: a half-written one never counts."""
-    from toy import world
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    world.write_folder(tmp, images, scenes)
-    tmp.rename(folder)
+def configure(argv: list[str] | None) -> tuple[TrainConfig, int]:
+    """The run's configuration, checked before any image is encoded or any model is loaded: option values, files,
+    the checkpoint's header and shapes, the LoRA targets on the checkpoint's architecture (built on the meta device),
+    and, for --resume, the state and the options it was trained with. Returns (config, step to start from)."""
+    cfg, given = parse_command_line(argv)
+    start = 0
+    if cfg.resume:
+        path = resolve(cfg.resume, Path(cfg.out))
+        start, saved = read_header(path)
+        if saved:
+            cfg, changes = resumed_config(saved, given, str(path))
+            for line in changes:
+                say(f"changed: {line}", file=sys.stderr)
+    if not cfg.images and not is_builtin_toy(cfg.ckpt):
+        raise ValueError("images: no image folder given (--images DIR); only the built-in toy checkpoint has "
+                         "default images")
+    cfg.validate()  # option values and files
+    try:
+        _, version, parts = sd.build_meta(cfg.ckpt)  # header only: every key and shape checked, no weight read
+    except sd.CheckpointError as err:
+        raise ValueError(f"ckpt: {err}") from None
+    if version == "sdxl" and "resolution" not in given and not cfg.resume:
+        cfg.resolution = 1024  # what SDXL base was trained at (by area; buckets keep about 1024^2 pixels)
+    if cfg.mode == "lora":
+        unet = parts[sd.model.UNET_PREFIX]
+        try:
+            lora.inject(unet, cfg.rank, cfg.alpha or None, lora_targets(cfg), rs=cfg.rs, dtype=torch.float32)
+        except ValueError as err:
+            raise ValueError(f"targets: {err}") from None
+    if version == "sdxl" and cfg.mode == "lora" and cfg.train_text_encoder:
+        say("note: SDXL text-encoder LoRA: CLIP-L gets q, k, v, out, fc1, fc2; OpenCLIP bigG keeps q/k/v in one "
+            "packed tensor (in_proj_weight), so only its out_proj and MLP are adapted", file=sys.stderr)
+    return cfg, start
 
 
-def toy_prior_images(cfg: TrainConfig, out: Path) -> Path:
-    """Captioned scenes of the toy's base world, for prior preservation: what the LoRA should leave as it was."""
-    from toy import world
-    folder = out / f"toy_prior_images_{cfg.toy_prior_images}"
-    if not folder.is_dir():
-        write_folder_once(folder, *world.make_dataset(cfg.toy_prior_images, seed=cfg.seed + 2000))
-    return folder
+def resume_command(out: Path) -> str:
+    """The command that continues the run in `out`: its options are saved with its state."""
+    return f"python train.py --resume latest --out {shlex.quote(str(out))}"
 
 
-def is_sdxl_file(path: str) -> bool:
-    """Whether a checkpoint holds SDXL's text conditioner, from its key names alone (no weight is read)."""
-    return any(k.startswith(sd.model.SDXL_TEXT_PREFIX) for k in sd.CheckpointFile(path).keys())
-
-
-def is_toy(cfg: TrainConfig) -> bool:
-    return is_builtin_toy(cfg.ckpt)
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    resolution_given = cfg.resolution != 0
-    cfg.validate()  # missing files, bad values: fail before any model is loaded
-    if is_sdxl_file(cfg.ckpt):
-        if not resolution_given:
-            cfg.resolution = 1024  # what SDXL base was trained at (by area; buckets keep about 1024^2 pixels)
-        if cfg.mode == "lora" and cfg.train_text_encoder:
-            print("note: SDXL text-encoder LoRA: CLIP-L gets q, k, v, out, fc1, fc2; OpenCLIP bigG keeps q/k/v in one "
-                  "packed tensor (in_proj_weight), so only its out_proj and MLP are adapted", file=sys.stderr)
+def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) -> int:
+    cfg, resume_step = configure(argv)
+    interrupts = interrupts or Interrupts()
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
-    precision = pick_precision(cfg.precision, device)
+    precision = pick_precision(cfg.precision, device) if master else pick_quietly(cfg.precision, device)
     out = Path(cfg.out)
+    if cfg.resume and resume_step >= cfg.steps and (out / final_name(cfg)).is_file():
+        say(f"the run in {out} is complete at step {resume_step} of {cfg.steps}: nothing to train "
+            f"(give --steps N to train further)")
+        return 0
     out.mkdir(parents=True, exist_ok=True)
+    if master:
+        for path in remove_stale_temp_files(out):
+            say(f"removed {path} (left by an interrupted save)", file=sys.stderr)
     cache = prepare_data(cfg, out, rank, world)
     loader = LatentLoader(cache, batch_size=cfg.batch_size, seed=cfg.seed, flip=cfg.flip or None)
     if master:
@@ -259,21 +270,22 @@ def main(argv: list[str] | None = None) -> int:
     check_cache(loader, model)
     if master and model.version == "sdxl":
         vae_dtype = str(next(model.vae.parameters()).dtype).removeprefix("torch.")
-        print(f"note: SDXL's VAE overflows in float16 (NaN images), so it never runs in it: the cache was encoded in "
-              f"float32, and validation/class images decode in {vae_dtype} (fp16 training keeps the VAE in float32)",
-              file=sys.stderr)
+        say(f"note: SDXL's VAE overflows in float16 (NaN images), so it never runs in it: the cache was encoded in "
+            f"float32, and validation/class images decode in {vae_dtype} (fp16 training keeps the VAE in float32)",
+            file=sys.stderr)
     torch.manual_seed(cfg.seed)
     unet = model.unet
-    toy_before = toy_scores(cfg, model, "base") if master else None
+    toy_run = master and cfg.toy_eval and is_builtin_toy(cfg.ckpt)  # the built-in default: scores before and after
+    toy_before = toy.scores(model, cfg.toy_concept, cfg.seed, "base") if toy_run else None
     if cfg.mode == "lora":
         alpha = cfg.alpha or None
-        targets = cfg.targets if cfg.targets in lora.PRESETS else [t.strip() for t in cfg.targets.split(",")]
-        lora.inject(unet, cfg.rank, alpha, targets, init=cfg.init, rs=cfg.rs, dropout=cfg.lora_dropout, dtype=torch.float32)
+        lora.inject(unet, cfg.rank, alpha, lora_targets(cfg), init=cfg.init, rs=cfg.rs, dropout=cfg.lora_dropout,
+                    dtype=torch.float32)
         if cfg.train_text_encoder:
             lora.inject(model.text_encoder, cfg.rank, alpha, "attn-mlp", init=cfg.init, rs=cfg.rs,
                         dropout=cfg.lora_dropout, dtype=torch.float32)
         if master:
-            print(lora.report(unet))
+            say(lora.report(unet))
     else:
         unet.requires_grad_(True)
     unet.gradient_checkpointing = cfg.gradient_checkpointing
@@ -302,10 +314,13 @@ def main(argv: list[str] | None = None) -> int:
             scaler.load_state_dict(state["scaler"])
         if ema is not None and state["ema"]:
             ema = {k: v.to(device) for k, v in state["ema"].items()}
-        torch.set_rng_state(state["rng"]["torch"])
+        set_rng_states(state["rng"])
         start = state["step"]
         if master:
-            print(f"resumed from {path} at step {start}")
+            say(f"resumed from {path} at step {start}")
+            dropped = truncate_log(out / "log.jsonl", start)
+            if dropped:
+                say(f"log.jsonl: removed {dropped} records past step {start} (they are trained again)", file=sys.stderr)
 
     net = DDP(unet) if world > 1 else unet
     prior = class_loader(cfg, model, out, rank, world) if uses_prior(cfg) else None
@@ -318,18 +333,29 @@ def main(argv: list[str] | None = None) -> int:
     log = open(out / "log.jsonl", "a") if master else None
     board = tensorboard_writer(out) if master and cfg.tensorboard else None
     skipped = 0
+    last_state = monotonic()
+
+    def write_state(step: int) -> None:
+        nonlocal last_state
+        if master:
+            save_state(out, step, trainable, optimizer, scaler, ema, cfg.to_dict())
+        last_state = monotonic()
 
     def save_outputs(step: int, final: bool = False) -> None:
-        """LoRA file or full checkpoint, plus the training state; rank 0 only."""
+        """The training state first (what a resume needs), then the LoRA file or full checkpoint; rank 0 only."""
+        write_state(step)
         if not master:
             return
-        save_state(out, step, trainable, optimizer, scaler, ema, cfg.to_dict())
         name = "final" if final else f"step_{step:07d}"
         if cfg.mode == "lora":
             lora.save(out / f"lora_{name}.safetensors", model if cfg.train_text_encoder else unet,
                       format=cfg.lora_format, metadata={"ss_training_config": cfg.to_dict(), "ss_steps": step})
         else:
             save_full(model, out / f"model_{name}.safetensors", ema, cfg)
+
+    if cfg.resume and master:
+        with interrupts.critical():
+            rewrite_missing_outputs(cfg, out, start, save_outputs)
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master, desc=cfg.mode, unit="step")
     completed = start
@@ -356,13 +382,14 @@ def main(argv: list[str] | None = None) -> int:
                         raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
                     (scaler.scale(loss / cfg.grad_accum) if scaler else loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
-            grad_norm, was_skipped = optimizer_step(optimizer, scaler, params, cfg.max_grad_norm)
-            completed = step + 1  # the weights now hold this many updates: what an interrupt must save
-            skipped += was_skipped
-            if ema is not None:
-                with torch.no_grad():
-                    for n, p in trainable.items():
-                        ema[n].lerp_(p.float(), 1 - cfg.ema_decay)
+            with interrupts.critical():  # a signal here waits: a half-applied update is a state no run ever had
+                grad_norm, was_skipped = optimizer_step(optimizer, scaler, params, cfg.max_grad_norm)
+                completed = step + 1  # the weights now hold this many updates: what an interrupt must save
+                skipped += was_skipped
+                if ema is not None:
+                    with torch.no_grad():
+                        for n, p in trainable.items():
+                            ema[n].lerp_(p.float(), 1 - cfg.ema_decay)
             done = completed
             if master:
                 record = {"step": done, "loss": total, "lr": optimizer.param_groups[0]["lr"],
@@ -377,37 +404,83 @@ def main(argv: list[str] | None = None) -> int:
                         if key != "step":
                             board.add_scalar(f"train/{key}", value, done)
                 bar.set_postfix(loss=f"{total:.4f}", lr=f"{record['lr']:.2e}")
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                save_outputs(done)
-            elif cfg.state_every and done % cfg.state_every == 0 and master:
-                save_state(out, done, trainable, optimizer, scaler, ema, cfg.to_dict())
+            with interrupts.critical():
+                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                    save_outputs(done)
+                elif state_due(cfg, done, last_state) and done < cfg.steps:
+                    write_state(done)
             if cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.steps and master:
                 validate(cfg, model, out, done)
+        with interrupts.critical():
+            save_outputs(cfg.steps, final=True)
+    except Interrupted as stop:
+        stopped(stop.signal_name, master, out, completed, write_state)
+        return 130
     except KeyboardInterrupt:
-        if master:
-            print(f"\ninterrupted: saving the state at step {completed} (resume with --resume latest)")
-            save_state(out, completed, trainable, optimizer, scaler, ema, cfg.to_dict())
+        stopped("SIGINT", master, out, completed, write_state)
         return 130
     except NonFiniteLoss as err:
-        print(f"\nstopping: {err}. The last good outputs in {out} are kept; lower lr or use bf16/fp32.", file=sys.stderr)
+        say(f"\nstopping: {err}. The last good outputs in {out} are kept; lower lr or use bf16/fp32.", file=sys.stderr)
         return 1
     finally:
-        bar.close()
+        with contextlib.suppress(OSError, ValueError):
+            bar.close()
         if log:
             log.close()
         if board is not None:
             board.close()
 
-    save_outputs(cfg.steps, final=True)
     if master:
         validate(cfg, model, out, cfg.steps)
         if toy_before is not None:
-            after = toy_scores(cfg, model, "lora" if cfg.mode == "lora" else "fine-tuned")
-            print_toy_summary(cfg, toy_before, after, out)
-        print(f"done: outputs in {out}")
+            after = toy.scores(model, cfg.toy_concept, cfg.seed, "trained")
+            say(toy.summary(cfg.toy_concept, toy_before, after, out))
+            say(f"before/after grid: {out / 'before_after.png'} (rows labelled: '{cfg.toy_concept}' prompts and "
+                f"base-world prompts, each by the base and by the trained model)")
+        say(f"done: outputs in {out}")
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def pick_quietly(precision: str, device: torch.device) -> str:
+    return auto_precision(device)[0] if precision == "auto" else precision
+
+
+def final_name(cfg: TrainConfig) -> str:
+    return "lora_final.safetensors" if cfg.mode == "lora" else "model_final.safetensors"
+
+
+def state_due(cfg: TrainConfig, step: int, last_state: float) -> bool:
+    """Whether a training state is due after `step`: every state_every steps, or state_every_minutes after the last."""
+    if cfg.state_every and step % cfg.state_every == 0:
+        return True
+    return bool(cfg.state_every_minutes) and monotonic() - last_state >= 60 * cfg.state_every_minutes
+
+
+def stopped(signal_name: str, master: bool, out: Path, completed: int, write_state) -> None:
+    """Save first, then say so: a message that cannot be printed (its pipe or terminal gone) never costs the state."""
+    if master:
+        write_state(completed)
+    say(f"\n{signal_name}: saved the training state at step {completed} in {out / 'state'}; continue with:\n"
+        f"  {resume_command(out)}", file=sys.stderr)
+
+
+def rewrite_missing_outputs(cfg: TrainConfig, out: Path, start: int, save_outputs) -> None:
+    """After a kill during a save: the periodic file of the step the run resumes at is written again from the same
+    weights; earlier ones cannot be (their weights are gone), so they are named."""
+    if not cfg.save_every:
+        return
+    prefix = "lora" if cfg.mode == "lora" else "model"
+    missing = [s for s in range(cfg.save_every, min(start, cfg.steps - 1) + 1, cfg.save_every)
+               if not (out / f"{prefix}_step_{s:07d}.safetensors").is_file()]
+    if missing and missing[-1] == start:
+        save_outputs(start)
+        say(f"rewrote {prefix}_step_{start:07d}.safetensors (its save was interrupted)", file=sys.stderr)
+        missing.pop()
+    if missing:
+        say(f"note: {', '.join(f'{prefix}_step_{s:07d}.safetensors' for s in missing)} missing in {out}: their saves "
+            f"were interrupted, and the weights of those steps no longer exist", file=sys.stderr)
 
 
 def tensorboard_writer(out: Path):
@@ -442,7 +515,7 @@ def validate(cfg: TrainConfig, model, out: Path, step: int) -> None:
         return
     size = cfg.resolution
     images = generate(model, cfg.validation_prompts, steps=cfg.validation_steps, cfg=cfg.validation_cfg,
-                      seed=cfg.seed, height=size, width=size, progress=False)
+                      seed=cfg.seed, height=size, width=size, progress=f"validation images, step {step}")
     folder = out / "samples"
     folder.mkdir(exist_ok=True)
     save_png(grid(to_pil(images), cols=len(cfg.validation_prompts)), folder / f"step_{step:07d}.png",
@@ -450,7 +523,7 @@ def validate(cfg: TrainConfig, model, out: Path, step: int) -> None:
 
 
 def uses_prior(cfg: TrainConfig) -> bool:
-    return bool(cfg.class_prompt or cfg.class_images or (is_toy(cfg) and cfg.toy_prior_images))
+    return bool(cfg.class_prompt or cfg.class_images or (is_builtin_toy(cfg.ckpt) and cfg.toy_prior_images))
 
 
 def class_loader(cfg: TrainConfig, model, out: Path, rank: int, world: int) -> LatentLoader:
@@ -461,12 +534,13 @@ def class_loader(cfg: TrainConfig, model, out: Path, rank: int, world: int) -> L
             folder = out / "class_images"
             folder.mkdir(parents=True, exist_ok=True)
             have = len(list(folder.glob("*.png")))
-            for i in tqdm(range(have, cfg.num_class_images), desc="class images"):
+            for i in tqdm(range(have, cfg.num_class_images), desc="class images", unit="img"):
                 img = generate(model, cfg.class_prompt, seed=cfg.seed + 10_000 + i, steps=cfg.validation_steps,
                                cfg=cfg.validation_cfg, height=cfg.resolution, width=cfg.resolution, progress=False)
                 save_png(to_pil(img)[0], folder / f"class_{i:05d}.png")  # atomic: a resumed count never sees half a file
         else:
-            folder = Path(cfg.class_images) if cfg.class_images else toy_prior_images(cfg, out)
+            folder = (Path(cfg.class_images) if cfg.class_images
+                      else toy.prior_images(cfg.toy_prior_images, cfg.seed, out))
         encode_dataset(folder, out / "class_cache", cfg.ckpt, resolution=cfg.resolution,
                        prompt=cfg.class_prompt or None, seed=cfg.seed)
     if world > 1:
@@ -474,45 +548,21 @@ def class_loader(cfg: TrainConfig, model, out: Path, rank: int, world: int) -> L
     return LatentLoader(out / "class_cache", batch_size=cfg.batch_size, seed=cfg.seed + 1)
 
 
-def toy_scores(cfg: TrainConfig, model, label: str) -> dict | None:
-    """Concept and forgetting scores from the toy world's detectors (built-in toy checkpoint only)."""
-    if not cfg.toy_eval or not is_toy(cfg):
-        return None
-    from toy.evaluate import evaluate
-    print(f"toy: sampling the {label} model for the scores ...")
-    # 96 base prompts (8 per shape-colour pair) and 48 concept prompts: one image moves a score by 0.01 or 0.02
-    return evaluate(model, cfg.toy_concept, n_base=96, n_concept=48, n_world=8, seed=cfg.seed)
-
-
-def print_toy_summary(cfg: TrainConfig, before: dict, after: dict, out: Path) -> None:
-    """The two numbers of the toy experiment, base vs trained, and a before/after grid."""
-    from toy.evaluate import save_grid
-    rows = [("concept score", f"'{cfg.toy_concept}' prompts show a {cfg.toy_concept}", "concept_score"),
-            ("forgetting score", "base-world prompts: colour+shape accuracy", "forgetting_score")]
-    lines = [f"{'':18}{'base':>8}{'trained':>9}   what it measures"]
-    lines += [f"{name:18}{before[key]:8.2f}{after[key]:9.2f}   {what}" for name, what, key in rows]
-    text = "\n".join(lines)
-    print(text)
-    write_text(out / "scores.txt", text + "\n")
-    keys = ("concept_score", "forgetting_score", "base_accuracy")
-    write_text(out / "scores.json",
-               json.dumps({k: {key: r[key] for key in keys} for k, r in (("base", before), ("trained", after))}, indent=2))
-    n = 8
-    grid = torch.cat([before["images"]["concept"][:n], after["images"]["concept"][:n],
-                   before["images"]["base"][:n], after["images"]["base"][:n]])
-    path = save_grid(grid, out / "before_after.png", ncol=n)
-    print(f"before/after grid: {path} (rows: concept prompts base, trained; base-world prompts base, trained)")
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (schedulers, `kill`) saves and exits like Ctrl-C
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: signals and broken pipes handled, bad input and early stops as one line each."""
+    interrupts = Interrupts()
+    interrupts.install()  # SIGINT, SIGTERM and SIGHUP save the state and stop; see training/interrupt.py
+    quiet_on_broken_pipe()  # `... | tee log`, then Ctrl-C: tee is gone, the state must still be written
+    try:
+        return main(argv, interrupts)
+    except ValueError as err:  # bad input (config, files, data): one clear line, no traceback
+        say(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:  # before training started (nothing to save yet) or after the final save
+        name = getattr(stop, "signal_name", "SIGINT")
+        say(f"\n{name}: stopped outside the training loop; no training state was lost", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where SIGINT is ignored
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        sys.exit(main())
-    except ValueError as err:  # bad input (config, files, data): one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

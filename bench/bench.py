@@ -285,6 +285,12 @@ def main() -> None:
     args.steps = args.steps if args.steps is not None else 20 if cuda else 3
     args.warmup = args.warmup if args.warmup is not None else 3 if cuda else 1
     names = args.cases.split(",") if args.cases else QUICK if args.quick else FULL + (CUDA_EXTRA if cuda else [])
+    if not args.cases and not cuda:
+        from devices import cpu_bf16_native
+        native, why = cpu_bf16_native()
+        if not native:  # the same rule as train.py's --precision auto: no default bf16 where it is emulated
+            names = [n for n in names if "-bf16" not in n]
+            print(f"note: bf16 cases left out ({why}); name them with --cases to run them anyway")
     cases = [Case.parse(c, args.batch) for c in names]
     if not cuda and any(c.precision.startswith("fp16") for c in cases):
         raise SystemExit("fp16 cases are for CUDA: CPUs have no fast fp16 matmul (use bf16)")

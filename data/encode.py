@@ -7,6 +7,8 @@ import sys
 
 from tqdm import tqdm
 
+from devices import precision_warning, resolve_device
+
 from .cache import DataError
 from .pipeline import DTYPES, EncodeConfig, encode_dataset
 from .sources import ImageSource
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.ERROR if args.quiet else logging.INFO)
     options = {k: v for k, v in vars(args).items() if k not in ("ckpt", "images", "out", "quiet")}
     try:
+        warning = precision_warning(args.dtype, resolve_device(args.device))
+        if warning and not args.quiet:
+            print(f"warning: {warning}", file=sys.stderr)
         config = EncodeConfig(progress=not args.quiet, **options)
         report = encode_dataset([ImageSource.parse(s) for s in args.images], args.out, args.ckpt, config)
     except (DataError, ValueError, OSError) as err:

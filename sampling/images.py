@@ -89,22 +89,45 @@ def next_index(folder: str | os.PathLike) -> int:
     return max(numbers, default=-1) + 1
 
 
+def label_font(size: int):
+    """The font labels are drawn in: Pillow's scalable default (FreeType), or its bitmap font without FreeType."""
+    return ImageFont.load_default(size=size)
+
+
+def cell_scale(width: int, height: int, labels: Sequence[str], font, min_cell: int = 0) -> int:
+    """The integer factor that images of width x height are enlarged by in a grid, so that every column label fits
+    its column with a margin and a cell is at least min_cell pixels a side (32 px toy images become readable)."""
+    margin = int(getattr(font, "size", 12))
+    widest = max((int(font.getlength(s)) for s in labels), default=0)
+    need = max(widest + margin if labels else 0, min_cell)
+    return max(1, math.ceil(need / width), math.ceil(min_cell / height) if min_cell else 1)
+
+
 def grid(images: Sequence[Image.Image], cols: int | None = None, col_labels: Sequence[str] | None = None,
-         row_labels: Sequence[str] | None = None) -> Image.Image:
-    """Images laid out row by row (default: a near-square grid), with optional labels above columns / left of rows."""
+         row_labels: Sequence[str] | None = None, min_cell: int = 0) -> Image.Image:
+    """Images laid out row by row (default: a near-square grid), with optional labels above columns / left of rows.
+
+    Labels stay legible at every image size: the font is at least 12 px, and small images are enlarged by an
+    integer factor (nearest neighbour, so pixels stay sharp) until each column label fits its column."""
     if not images:
         raise ValueError("no images to put in a grid")
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    font_size = max(12, min(w, h) // 16)
-    font = ImageFont.load_default(size=font_size)
+    w0, h0 = images[0].size
+    font_size = max(12, min(w0, h0) // 16)
+    font = label_font(font_size)
+    scale = cell_scale(w0, h0, list(col_labels or []), font, min_cell)
+    w, h = w0 * scale, h0 * scale
     top = font_size * 2 if col_labels else 0
     left = max((int(font.getlength(s)) for s in row_labels), default=0) + font_size if row_labels else 0
     out = Image.new("RGB", (left + cols * w, top + rows * h), "white")
     draw = ImageDraw.Draw(out)
+    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BICUBIC
     for i, image in enumerate(images):
-        out.paste(image.convert("RGB").resize((w, h)), (left + (i % cols) * w, top + (i // cols) * h))
+        cell = image.convert("RGB")
+        if cell.size != (w, h):
+            cell = cell.resize((w, h), resample)
+        out.paste(cell, (left + (i % cols) * w, top + (i // cols) * h))
     for c, label in enumerate(col_labels or []):
         _centred(draw, (left + c * w + w // 2, top // 2), label, font)
     for r, label in enumerate(row_labels or []):

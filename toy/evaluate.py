@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import detect, world
 
@@ -31,8 +32,9 @@ def noise_for(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def ddim_sample(model, prompts: Sequence[str], steps: int = 25, guidance: float = 5.0, seed: int = 0,
-                negative: str = "", batch_size: int = 64) -> torch.Tensor:
-    """Images in [-1, 1], [N, 3, H, W], for `prompts`, from a loaded StableDiffusion (sd.load)."""
+                negative: str = "", batch_size: int = 64, progress: str | bool = False) -> torch.Tensor:
+    """Images in [-1, 1], [N, 3, H, W], for `prompts`, from a loaded StableDiffusion (sd.load).
+    progress: a label (or True) for a progress bar over every UNet call, with its ETA."""
     prompts = list(prompts)
     if not prompts or steps < 1:
         raise ValueError(f"need at least one prompt and one step, got {len(prompts)} prompts, steps={steps}")
@@ -44,6 +46,9 @@ def ddim_sample(model, prompts: Sequence[str], steps: int = 25, guidance: float 
     uncond = model.encode_prompt([negative])
     noise = noise_for(len(prompts), latent_shape, seed)
     out = []
+    chunks = -(-len(prompts) // batch_size)
+    bar = tqdm(total=chunks * steps, desc=progress if isinstance(progress, str) else "sampling", unit="step",
+               disable=not progress, leave=False)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         cond = model.encode_prompt(chunk)
@@ -59,7 +64,9 @@ def ddim_sample(model, prompts: Sequence[str], steps: int = 25, guidance: float 
                 x0 = schedule.x0_from_eps(x.float(), eps, tt)
             a_prev = a_bar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
             x = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(model.dtype)
+            bar.update()
         out.append(model.decode_latents(x).float().clamp(-1, 1))
+    bar.close()
     return torch.cat(out)
 
 
@@ -82,7 +89,7 @@ def save_grid(images, path: str | os.PathLike, ncol: int = 8, scale: int = 4) ->
 
 
 def evaluate(model, concept: str = world.DEFAULT_CONCEPT, n_base: int = 48, n_concept: int = 16, n_world: int = 48,
-             steps: int = 25, guidance: float = 5.0, seed: int = 0) -> dict:
+             steps: int = 25, guidance: float = 5.0, seed: int = 0, progress: str | bool = False) -> dict:
     """Scores of one model: `forgetting_score` and per-attribute accuracy on the base prompts (world.base_prompts),
     `concept_score` on the concept prompts, and per-attribute accuracy on random training-like scenes
     (`world`, counts and small objects included). Images come back under "images" for grids."""
@@ -90,7 +97,8 @@ def evaluate(model, concept: str = world.DEFAULT_CONCEPT, n_base: int = 48, n_co
     conc = world.concept_prompts(concept, n_concept)
     rand = world.make_scenes(n_world, seed=99)
     scenes = base + conc + rand
-    images = ddim_sample(model, [s.caption for s in scenes], steps=steps, guidance=guidance, seed=seed)
+    images = ddim_sample(model, [s.caption for s in scenes], steps=steps, guidance=guidance, seed=seed,
+                         progress=progress)
     ib, ic, iw = images[:n_base], images[n_base:n_base + n_concept], images[n_base + n_concept:]
     return {
         "forgetting_score": detect.forgetting_score(ib, base),
@@ -118,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     model = sd.load(args.model)
     t = time.perf_counter()
-    result = evaluate(model, args.concept, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    result = evaluate(model, args.concept, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                      progress="sampling for the scores")
     summary = {k: v for k, v in result.items() if k not in ("images", "prompts")}
     print(json.dumps(summary, indent=2))
     print(f"chance: colour 1/4 (base colours), shape 1/3; sampled in {time.perf_counter() - t:.1f} s")

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 import yaml
 
 from devices import resolve_device
+from toy.hooks import CHECKPOINT as TOY_CHECKPOINT
+from toy.hooks import is_builtin_toy
 
 
 def opt(default: Any, help: str) -> Any:
@@ -90,13 +93,19 @@ class TrainConfig:
 
     # --- outputs
     save_every: int = opt(0, "write the LoRA / checkpoint every N steps (0: only at the end)")
-    state_every: int = opt(0, "write a resumable training state every N steps (0: only at the end and on Ctrl-C)")
+    state_every: int = opt(0, "write a resumable training state every N steps (0: by time only, see state_every_minutes)")
+    state_every_minutes: float = opt(10.0, "also write a resumable training state when this many minutes have passed "
+                                           "since the last one, so a kill -9 or a power cut loses at most that much "
+                                           "(0: off). Ctrl-C, SIGTERM and SIGHUP always save one")
     validate_every: int = opt(0, "render validation images every N steps (0: only at the end)")
     validation_prompts: list = opt([], "validation prompts (fixed seeds); empty: none")
     validation_steps: int = opt(20, "sampler steps for validation images")
     validation_cfg: float = opt(5.0, "classifier-free guidance scale for validation images")
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
-    resume: str = opt("", "resume from a training state: a path, or 'latest' for the newest in <out>/state")
+    resume: str = opt("", "resume from a training state: a path, or 'latest' for the newest in <out>/state. The run "
+                          "continues with its saved options; options you give are compared with them: a changed "
+                          "schedule (steps, lr, ...) is printed as 'changed: steps 60 -> 400', a change of what is "
+                          "trained (rank, alpha, targets, mode, ckpt, images, ...) is refused")
     toy_eval: bool = opt(True, "with the built-in toy checkpoint: print concept and forgetting scores before and after")
     toy_concept: str = opt("purple", "with the built-in toy checkpoint and no --images: the held-out concept to learn "
                                    "(purple; star is blurred away by the toy VAE)")
@@ -122,6 +131,10 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "repeats"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key, f in FIELDS.items():  # nan passes every comparison below, so it is refused first
+            value = getattr(self, key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number, got {value}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.caption_dropout < 1:
@@ -140,6 +153,8 @@ class TrainConfig:
             raise ValueError(f"class_images: folder not found: {self.class_images}")
         if self.class_images and self.class_prompt:
             raise ValueError("class_images and class_prompt are two ways to get prior images: give one of them")
+        if self.state_every < 0 or self.state_every_minutes < 0:
+            raise ValueError("state_every and state_every_minutes must be >= 0 (0: off)")
         if self.toy_prior_images < 0:
             raise ValueError(f"toy_prior_images must be >= 0, got {self.toy_prior_images}")
 
@@ -152,11 +167,6 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # `python train.py` on the built-in toy checkpoint without --config starts from this recipe: the toy's own settings
 # (small images, a larger batch and learning rate) instead of the defaults above, which suit SD 1.x/2.x files.
 TOY_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
-
-
-def is_builtin_toy(ckpt: str | Path) -> bool:
-    """Whether ckpt is the shipped toy model (toy/tiny_sd.safetensors), the default --ckpt."""
-    return Path(ckpt).resolve() == Path(TrainConfig.ckpt).resolve()
 
 
 def _closest(key: str) -> str:
@@ -198,7 +208,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}:{where}: not valid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe must be a mapping of key: value")
     return data
@@ -222,8 +238,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the YAML recipe, then command-line overrides. Unknown keys suggest the closest valid one."""
+def parse_command_line(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """(config, the options the user gave): defaults, then the YAML recipe, then command-line overrides. The given
+    options are those of --config and of the command line (not the toy's implicit recipe): a resumed run compares
+    them with its saved configuration. Unknown keys suggest the closest valid one."""
     p = parser()
     args, unknown = p.parse_known_args(argv)
     if unknown:
@@ -231,9 +249,60 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.error(f"unknown option {unknown[0]!r}{_closest(key)}")
     values = vars(args)
     recipe = values.pop("config")
-    if not recipe and is_builtin_toy(values.get("ckpt", TrainConfig.ckpt)):
+    given: dict[str, Any] = {}
+    if recipe:
+        given.update(load_yaml(recipe))
+    elif is_builtin_toy(values.get("ckpt", TrainConfig.ckpt)):
         recipe = TOY_RECIPE
     cfg = TrainConfig()
     if recipe:
         cfg = from_dict(load_yaml(recipe), cfg, source=recipe)
-    return from_dict(values, cfg, source="command line")
+    cfg = from_dict(values, cfg, source="command line")
+    given.update(values)
+    return cfg, {k: getattr(cfg, k) for k in given}
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The configuration alone (see parse_command_line)."""
+    return parse_command_line(argv)[0]
+
+
+# What a resumed run cannot change: these decide what is trained (the shapes of the saved weights, the data, the
+# base and the objective). Anything else (steps, lr, schedule, saving, device, precision) may change, and is printed.
+FIXED_ON_RESUME = ("mode", "ckpt", "rank", "alpha", "rs", "targets", "train_text_encoder", "lora_format", "images",
+                   "cache", "prompt", "resolution", "bucket", "bucket_step", "flip", "repeats", "prediction_type",
+                   "class_prompt", "class_images", "num_class_images", "toy_concept", "toy_images", "toy_prior_images")
+# Where the run is and how to find its state: never compared.
+NOT_COMPARED = ("out", "resume")
+
+
+def resumed_config(saved: dict[str, Any], given: dict[str, Any], source: str) -> tuple[TrainConfig, list[str]]:
+    """The configuration of a resumed run: the saved one, with the options the user gave on top.
+
+    Returns (config, ["steps 60 -> 400", ...]: the options that change). A change of an option in FIXED_ON_RESUME
+    raises one ValueError that lists every such difference. `source` names the state file in messages."""
+    known = {k: v for k, v in saved.items() if k in FIELDS}  # a key of an older version of this file is ignored
+    cfg = from_dict(known, TrainConfig(), source=source)
+    before = dataclasses.replace(cfg)
+    changed, refused = [], []
+    for key, value in given.items():
+        if key in NOT_COMPARED or key not in known:
+            setattr(cfg, key, value)
+            continue
+        old = getattr(before, key)
+        if _same(key, old, value):
+            continue
+        line = f"{key} {old!r} -> {value!r}" if isinstance(old, str) else f"{key} {old} -> {value}"
+        (refused if key in FIXED_ON_RESUME else changed).append(line)
+        setattr(cfg, key, value)
+    if refused:
+        raise ValueError(f"resume: {source} was trained with other settings, and these decide what is trained: "
+                         + "; ".join(refused) + ". Start a new run in another --out folder, or leave these options "
+                         "out to continue with the saved ones")
+    return cfg, changed
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if key in ("ckpt", "images", "cache", "class_images") and old and new:
+        return Path(old).resolve() == Path(new).resolve()  # the same file, however it is written
+    return old == new

@@ -1,13 +1,14 @@
 """Resumable training state: trainable weights, optimizer, GradScaler, EMA, RNG states and the step, written atomically."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from atomic import atomic_path
+from atomic import atomic_path, write_text
 
 STATE_DIR = "state"
 
@@ -63,6 +64,57 @@ def resolve(resume: str, out: Path) -> Path:
     if not path.is_file():
         raise ValueError(f"resume: training state not found: {path}")
     return path
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(step, configuration) of a training state, without reading its tensors (memory-mapped): cheap enough to run
+    before any model is loaded."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["step"]), dict(state.get("config") or {})
+    except Exception as err:
+        raise ValueError(f"resume: {path} is not a readable training state: {err}") from None
+
+
+# Left behind by a kill during a save: atomic_path's temp files (.NAME.RANDOM.tmp), the `latest` pointer's temp file,
+# and tempfile's default names (.tmpRANDOM). Never a finished output.
+STALE_PATTERNS = (".*.tmp", "latest.tmp", ".tmp*")
+
+
+def remove_stale_temp_files(out: Path) -> list[Path]:
+    """Delete the temp files an interrupted save left in a run's folders (the run folder, state/, samples/)."""
+    removed = []
+    for folder in (Path(out), Path(out) / STATE_DIR, Path(out) / "samples"):
+        if not folder.is_dir():
+            continue
+        for pattern in STALE_PATTERNS:
+            for path in folder.glob(pattern):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    return removed
+
+
+def truncate_log(path: Path, step: int) -> int:
+    """Drop the records of log.jsonl past `step` (written after the state a run resumes from, and about to be
+    written again). Returns how many were dropped; a half-written last line goes too."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            keep = int(record.get("step", 0)) <= step
+        except (ValueError, TypeError, AttributeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
 
 
 def load_state(path: Path) -> dict[str, Any]:
