@@ -1,6 +1,6 @@
 """A grid of LoRA trainings (rank × alpha × scaling rule × learning rate × seed) on the same data and seeds.
 
-    python -m lora.analyze sweep --rank 4,16,64 --alpha rank,16 --rule r,sqrt --lr 1e-4,3e-4 --out runs/sweep \\
+    python -m analysis sweep --rank 4,16,64 --alpha rank,16 --rule r,sqrt --lr 1e-4,3e-4 --out runs/sweep \\
         --val-images held_out/ --prompts "a photo of sks dog|sks dog on a beach" \\
         -- --ckpt base.safetensors --images data/
 
