@@ -121,8 +121,8 @@ def train_grid(grid: SweepGrid, train_args: Sequence[str], out: str | Path) -> t
 
 def _toy_images(cfg, out: Path) -> Path:
     """train.py's default data (the toy concept images), written once for every run to share."""
-    import train
-    return train.toy_images(cfg, out)
+    from toy.hooks import concept_images
+    return concept_images(cfg.toy_concept, cfg.toy_images, out)
 
 
 def _toy_val_images(cfg, out: Path) -> Path:

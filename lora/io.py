@@ -320,14 +320,29 @@ def parse_entries(tensors: dict[str, torch.Tensor]) -> tuple[dict[tuple[str, str
 
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A LoRA file's tensors and metadata: .safetensors (with its header metadata) or a torch file holding a flat
-    dict of tensors (no metadata). Raises FileNotFoundError / ValueError with the path."""
+    dict of tensors (no metadata). Raises FileNotFoundError, or ValueError with one line that names the file: empty,
+    truncated or corrupt, or a pickle that would need to run code (refused, never executed)."""
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no LoRA file at {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty")
     if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    data = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as err:  # safetensors has its own error type for bad headers and short files
+            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        text = str(err)
+        if "weights_only" in text or "Unsupported global" in text or "Unpickl" in type(err).__name__:
+            raise ValueError(f"{path}: refused: this pickle needs objects other than tensors to load, and loading it "
+                             f"could run code; convert it to .safetensors with a tool you trust") from None
+        raise ValueError(f"{path}: not a readable LoRA file (truncated or corrupt?): "
+                         f"{text.splitlines()[0] if text else type(err).__name__}") from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ValueError(f"{path}: expected a flat dict of tensors")
     return data, {}

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import analysis as la
 import lora
 import sd
 import train
+from toy import hooks as toy_hooks
 from analysis.sweep import SweepGrid, toy_scores, validation_batches, validation_loss
 from sd.checkpoint import write_state_dict
 from sd.tiny import tiny_state_dict
@@ -65,7 +65,7 @@ def test_sweep_trains_the_grid_measures_every_run_and_reuses_finished_runs(world
         before = {"concept_score": 0.25, "forgetting_score": 0.75, "base_accuracy": {}, "images": fake_images()}
         after = {"concept_score": 0.5 + rank / 16, "forgetting_score": 0.75 - rank / 32, "base_accuracy": {},
                  "images": fake_images()}
-        train.print_toy_summary(SimpleNamespace(toy_concept="star"), before, after, out / f"r{rank}_a=r_lin_lr0.003")
+        toy_hooks.summary("star", before, after, out / f"r{rank}_a=r_lin_lr0.003")
     # Same grid again: nothing is retrained and every number comes out the same (validation is deterministic).
     result = la.sweep(SweepGrid(ranks=[2, 4], alphas=["rank"], rules=["r"], lrs=[3e-3]), train_args(world), out,
                       val_images=world["val"], timesteps=[200, 800])
