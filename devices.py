@@ -1,7 +1,17 @@
 """The torch device a --device option names, checked before any model is loaded."""
 from __future__ import annotations
 
-import torch
+import os
+
+# Sleep rather than spin while waiting for OpenMP work: on a small CPU shared with other jobs, spinning threads starve
+# each other and a step can take 10x longer (measured: 0.5 s -> 11 s per toy step beside a test run; the analysis
+# sweep, which imported torch before train.py could set this, trained at 0.83 s/step against train.py's 0.49 s on the
+# same loaded machine, and at 0.55 s against 0.55 s once set). OpenMP reads it once, when torch loads, so this is the
+# one place that sets it and every entry point (train.py, sample.py, python -m analysis / data.encode / toy.*)
+# imports this module before torch. An OMP_WAIT_POLICY you set yourself wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 
 def resolve_device(name: str) -> torch.device:

@@ -9,6 +9,8 @@ checkpoint's architecture) is checked before a single weight is read.
 """
 from __future__ import annotations
 
+import devices  # noqa: F401  first: it sets OpenMP's wait policy, which only counts before torch loads
+
 import argparse
 import math
 import secrets

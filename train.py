@@ -12,14 +12,10 @@ Every option: python train.py --help.
 """
 from __future__ import annotations
 
-import os
-
-# Sleep rather than spin while waiting for OpenMP work: on a small CPU shared with other jobs, spinning threads
-# starve each other and a step can take 10x longer (measured: 0.5 s -> 11 s per toy step beside a test run).
-# Only effective before torch is first imported; an OMP_WAIT_POLICY you set yourself wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import devices  # noqa: F401  first: it sets OpenMP's wait policy, which only counts before torch loads
 
 import contextlib
+import os
 import json
 import math
 import resource

@@ -12,6 +12,8 @@ Each analysis returns a Result (results.py): rows (CSV), a summary (its printed 
 deltas.py reads runs as per-layer updates ΔW, spectral.py holds the linear algebra, plots.py the figures.
 """
 
+import devices  # noqa: F401  first: it sets OpenMP's wait policy, which only counts before torch loads
+
 from .analyses import amplification, intruders, meta_model, params, spectrum, subspace
 from .cli import main
 from .deltas import Base, Delta, Run, load_base, load_run, load_runs, read_lora_file

@@ -121,21 +121,21 @@ def train_grid(grid: SweepGrid, train_args: Sequence[str], out: str | Path) -> t
 
 def _toy_images(cfg, out: Path) -> Path:
     """train.py's default data (the toy concept images), written once for every run to share."""
-    from toy.hooks import concept_images
+    from toy.hooks import concept_images, is_builtin_toy
+    if not is_builtin_toy(cfg.ckpt):
+        raise ValueError("images: no image folder given (-- --images DIR); only the built-in toy checkpoint has "
+                         "default images")
     return concept_images(cfg.toy_concept, cfg.toy_images, out)
 
 
 def _toy_val_images(cfg, out: Path) -> Path:
     """Held-out toy images: the same concept drawn with another seed."""
-    import train
-    if not train.is_toy(cfg):
-        raise ValueError("pass --val-images DIR: held-out images with captions, encoded like the training images")
     from toy import world
+    from toy.hooks import is_builtin_toy, write_folder_once
+    if not is_builtin_toy(cfg.ckpt):
+        raise ValueError("pass --val-images DIR: held-out images with captions, encoded like the training images")
     folder = out / f"toy_{cfg.toy_concept}_val_images"
-    if not folder.is_dir():
-        images, scenes = world.concept_dataset(cfg.toy_concept, cfg.toy_images, seed=cfg.seed + 1000)
-        world.write_folder(folder, images, scenes)
-    return folder
+    return write_folder_once(folder, *world.concept_dataset(cfg.toy_concept, cfg.toy_images, seed=cfg.seed + 1000))
 
 
 # -------------------------------------------------------------------------------------------- measuring

@@ -7,6 +7,8 @@
 
 Command line: `python -m data.encode --help`.
 """
+import devices  # noqa: F401  first: it sets OpenMP's wait policy, which only counts before torch loads
+
 from .buckets import Geometry, Placement, bucket_sizes, nearest_bucket, own_bucket, parse_resolution, place
 from .cache import CacheItem, CacheMismatchError, DataError, LatentCache
 from .images import BadImage, image_size, load_rgb, sha256_file

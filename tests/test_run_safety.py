@@ -353,3 +353,22 @@ def test_before_after_rows_are_labelled_in_the_picture(tmp_path):
     assert margin > 100 and picture.height == 4 * cell
     label_area = picture.crop((0, 0, margin, picture.height))
     assert min(label_area.getdata()) < 128  # dark text on the white label column
+
+
+# ------------------------------------------------------------------ OpenMP's wait policy, before torch loads
+
+@pytest.mark.parametrize("module", ["train", "sample", "analysis", "data", "toy.evaluate", "toy.pretrain"])
+def test_every_entry_point_sets_the_wait_policy_before_torch_loads(module):
+    """OpenMP reads OMP_WAIT_POLICY once, when torch loads; set later, threads spin, and on a loaded machine the
+    analysis sweep trained 1.7x slower than train.py until it was set first (devices.py)."""
+    spy = ("import os, sys, importlib\n"
+           "class Spy:\n"
+           "    def find_spec(self, name, path=None, target=None):\n"
+           "        if name == 'torch' and not hasattr(self, 'seen'):\n"
+           "            self.seen = print('policy:', os.environ.get('OMP_WAIT_POLICY'))\n"
+           "sys.meta_path.insert(0, Spy())\n"
+           f"importlib.import_module({module!r})\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", spy], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "policy: PASSIVE"

@@ -7,11 +7,10 @@ Sampling is a plain DDIM loop (eta = 0) with classifier-free guidance, kept here
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see toy/pretrain.py: avoids thrashing on a shared small CPU
+import devices  # noqa: F401  first: it sets OpenMP's wait policy, which only counts before torch loads
 
 import argparse
+import os
 import json
 import time
 from collections.abc import Sequence

@@ -12,11 +12,7 @@ running the same command again resumes from it. The result is an original-layout
 """
 from __future__ import annotations
 
-import os
-
-# Sleep rather than spin while waiting for OpenMP work: on a small shared CPU, spinning threads of several
-# processes starve each other and a step can take 10x longer. Only effective before torch is first imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import devices  # noqa: F401  first: it sets OpenMP's wait policy, which only counts before torch loads
 
 import argparse
 import dataclasses
