@@ -30,3 +30,23 @@ def randomize_lora(model: nn.Module, seed: int = 1, std: float = 0.2) -> None:
         for layer in lora.lora_layers(model):
             for p in (layer.lora_down.weight, layer.lora_up.weight):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def captioned_circles(folder, colours, captions) -> None:
+    """32 px images of one circle each, slightly different in size, with a caption file beside each image."""
+    from PIL import Image, ImageDraw
+    folder.mkdir()
+    for i, (colour, caption) in enumerate(zip(colours, captions)):
+        im = Image.new("RGB", (32, 32), "white")
+        ImageDraw.Draw(im).ellipse([4 + i, 4, 26, 26 - i], fill=colour)
+        im.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+
+
+def train_argv(world: dict, out, **options) -> list[str]:
+    """train.py's command line for a run on a test world (tiny checkpoint, its images and cache) in fp32."""
+    base = {"ckpt": world["ckpt"], "images": world["images"], "cache": world["cache"], "resolution": 32,
+            "out": str(out), "precision": "fp32", "batch_size": 2, "lr": 3e-3, "rank": 4, "toy_eval": False,
+            "seed": 0}
+    base.update(options)
+    return [f"--{k}={v}" for k, v in base.items()]

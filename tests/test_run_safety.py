@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
 import devices
@@ -20,6 +20,8 @@ import sd
 import train
 from sd.checkpoint import write_state_dict
 from sd.tiny import tiny_state_dict
+
+from helpers import captioned_circles, train_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,23 +32,14 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("safety")
     ckpt = write_state_dict(root / "tiny.safetensors", tiny_state_dict("sd1", seed=1))
     images = root / "images"
-    images.mkdir()
-    for i, colour in enumerate([(220, 30, 30), (30, 30, 220)] * 2):
-        im = Image.new("RGB", (32, 32), "white")
-        ImageDraw.Draw(im).ellipse([4 + i, 4, 26, 26 - i], fill=colour)
-        im.save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a circle {i}")
+    captioned_circles(images, [(220, 30, 30), (30, 30, 220)] * 2, [f"a circle {i}" for i in range(4)])
     w = {"ckpt": str(ckpt), "images": str(images), "cache": str(root / "cache"), "root": root}
     assert train.main(args(w, root / "warm", steps=1)) == 0  # the cache exists before any test runs
     return w
 
 
 def args(world, out, **overrides) -> list[str]:
-    base = {"ckpt": world["ckpt"], "images": world["images"], "cache": world["cache"], "resolution": 32,
-            "out": str(out), "precision": "fp32", "steps": 4, "batch_size": 2, "lr": 3e-3, "rank": 4,
-            "targets": "attn", "toy_eval": False, "seed": 0}
-    base.update(overrides)
-    return [f"--{k}={v}" for k, v in base.items()]
+    return train_argv(world, out, **{"steps": 4, "targets": "attn", **overrides})
 
 
 def no_models(monkeypatch):

@@ -7,7 +7,6 @@ import socket
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import sd
@@ -16,6 +15,8 @@ from sd.checkpoint import write_state_dict
 from sd.tiny import tiny_state_dict
 from training.optim import AdamW
 
+from helpers import captioned_circles, train_argv
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -23,21 +24,13 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     ckpt = write_state_dict(root / "tiny.safetensors", tiny_state_dict("sd1", seed=1))
     images = root / "images"
-    images.mkdir()
-    for i, (name, colour) in enumerate([("red", (220, 30, 30)), ("blue", (30, 30, 220))] * 3):
-        im = Image.new("RGB", (32, 32), "white")
-        ImageDraw.Draw(im).ellipse([4 + i, 4, 26, 26 - i], fill=colour)
-        im.save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a {name} circle")
+    pairs = [("red", (220, 30, 30)), ("blue", (30, 30, 220))] * 3
+    captioned_circles(images, [c for _, c in pairs], [f"a {name} circle" for name, _ in pairs])
     return {"ckpt": str(ckpt), "images": str(images), "cache": str(root / "cache"), "root": root}
 
 
 def args(world, out, **overrides) -> list[str]:
-    base = {"ckpt": world["ckpt"], "images": world["images"], "cache": world["cache"], "resolution": 32,
-            "out": str(out), "precision": "fp32", "steps": 6, "batch_size": 2, "lr": 3e-3, "rank": 4,
-            "targets": "attn-mlp", "toy_eval": False, "seed": 0}
-    base.update(overrides)
-    return [f"--{k}={v}" for k, v in base.items()]
+    return train_argv(world, out, **{"steps": 6, "targets": "attn-mlp", **overrides})
 
 
 def fixed_loss(model, cache: str) -> float:

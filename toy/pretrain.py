@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import fastpaths
 from atomic import atomic_path
 from schedule import DDPMSchedule
 from sd.checkpoint import write_state_dict
@@ -126,13 +127,13 @@ def build_text_encoder(cfg: ToyConfig) -> ClipLTextEncoder:
 def build_vae(cfg: ToyConfig) -> AutoencoderKL:
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed + 1)
-        return AutoencoderKL(cfg.vae_config())
+        return fastpaths.apply(AutoencoderKL(cfg.vae_config()))  # the CPU speed layers, as sd.load gives them
 
 
 def build_unet(cfg: ToyConfig) -> UNetModel:
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed + 2)
-        return UNetModel(cfg.unet_config())
+        return fastpaths.apply(UNetModel(cfg.unet_config()))
 
 
 def _generator(*parts: int) -> torch.Generator:
