@@ -105,7 +105,7 @@ def te_to_hf(path: str) -> str:
     CLIP-L (SD1) is a transformers CLIPTextModel under 'transformer.', so its paths already contain
     'text_model.encoder.layers.N...'. SD2's OpenCLIP keeps open_clip names
     ('model.transformer.resblocks.N.attn.out_proj', 'mlp.c_fc', 'mlp.c_proj'), which map one to one;
-    its packed q/k/v (attn.in_proj_weight) is no module, so it has no name here.
+    its packed q/k/v (attn.in_proj_weight) is no module: te_packed_to_hf names its thirds.
     """
     i = path.find("text_model.")
     if i == 0 or (i > 0 and path[i - 1] == "."):
@@ -114,6 +114,15 @@ def te_to_hf(path: str) -> str:
     if m:
         return f"text_model.encoder.layers.{m.group(1)}.{_OPEN_CLIP_NAMES[m.group(2)]}"
     raise ValueError(f"cannot map text-encoder path {path!r} to CLIPTextModel names")
+
+
+def te_packed_to_hf(path: str) -> dict[str, str]:
+    """OpenCLIP's attention -> the CLIPTextModel names of the three thirds of its packed in_proj_weight:
+    'model.transformer.resblocks.N.attn' -> {'q': 'text_model.encoder.layers.N.self_attn.q_proj', 'k': ..., ...}."""
+    m = re.fullmatch(r"(?:.*\.)?resblocks\.(\d+)\.attn", path)
+    if not m:
+        raise ValueError(f"cannot map {path!r} to CLIPTextModel q/k/v names: not an OpenCLIP attention")
+    return {x: f"text_model.encoder.layers.{m.group(1)}.self_attn.{x}_proj" for x in "qkv"}
 
 
 def diffusers_name(path: str, part: str, num_res_blocks: int | None = None) -> str:
