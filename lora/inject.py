@@ -1,4 +1,5 @@
-"""Put LoRA layers into a model in place (by module path), take them out, merge them, and count what they train."""
+"""Put adapter layers (LoRA, DoRA, LoHa, LoKr) into a model in place by module path, take them out, merge them, and
+count what they train."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import LORA_LAYERS, _LoRALayer, lora_params, wrap
+from . import dora, layer, loha, lokr
+from .base import Adapter
+
+# The adapter family: inject(adapter=...) -> the function that wraps one layer (each in its own file).
+ADAPTERS = {"lora": layer.wrap, "dora": dora.wrap, "loha": loha.wrap, "lokr": lokr.wrap}
+# Each one's own options, besides rank, alpha, rs, dropout, init, name and dtype.
+ADAPTER_OPTIONS = {"lora": ("tucker",), "dora": ("tucker", "wd_on_output"), "loha": ("tucker",),
+                   "lokr": ("factor", "decompose_both", "full_matrix", "tucker")}
 
 # Presets as regexes on full module paths, covering our UNet (LDM names) and the CLIP text encoders.
 _ATTN_UNET = r".*\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
@@ -58,16 +66,16 @@ def _first_match(path: str, table: Mapping[Pattern, float] | None) -> float | No
 
 
 def candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(path, module) for every layer LoRA can wrap: Linear, Conv2d, and LoRA layers (to stack on).
+    """(path, module) for every layer an adapter can wrap: Linear, Conv2d, and adapters (to stack on).
 
-    The insides of LoRA layers (their base and factors) are not candidates themselves.
+    The insides of adapters (their base and factors) are not candidates themselves.
     """
     def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
         for name, child in module.named_children():
             path = f"{prefix}{name}"
-            if isinstance(child, (nn.Linear, nn.Conv2d, _LoRALayer)):
+            if isinstance(child, (nn.Linear, nn.Conv2d, Adapter)):
                 yield path, child
-            if not isinstance(child, _LoRALayer):
+            if not isinstance(child, Adapter):
                 yield from walk(child, path + ".")
     yield from walk(model, "")
 
@@ -80,26 +88,35 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _kernel(module: nn.Module) -> tuple[int, ...]:
-    base = module.base_layer if isinstance(module, _LoRALayer) else module
+    base = module.base_layer if isinstance(module, Adapter) else module
     return tuple(base.kernel_size) if isinstance(base, nn.Conv2d) else ()
 
 
 def inject(model_part: nn.Module, rank: int = 4, alpha: float | None = None,
-           targets: str | Iterable[Pattern] = "attn", *,
+           targets: str | Iterable[Pattern] = "attn", *, adapter: str = "lora",
            rank_overrides: Mapping[Pattern, int] | None = None,
            alpha_overrides: Mapping[Pattern, float] | None = None,
            conv_rank: int | None = None, conv_alpha: float | None = None,
            init: str = "kaiming", rs: bool = False, dropout: float = 0.0, name: str = "default",
-           dtype: torch.dtype | None = None) -> list[str]:
-    """Wrap the target layers of `model_part` in LoRA layers, in place; return the wrapped module paths.
+           dtype: torch.dtype | None = None, **adapter_options: Any) -> list[str]:
+    """Wrap the target layers of `model_part` in adapter layers, in place; return the wrapped module paths.
 
+    adapter: "lora" (B·A), "dora" (magnitude and direction), "loha" (Hadamard product), "lokr" (Kronecker product);
+    adapter_options: that adapter's own (ADAPTER_OPTIONS): tucker=True (kxk convs keep their kernel in a small core:
+    lora_mid, hada_t1/hada_t2, lokr_t2), wd_on_output (DoRA's norm axis), factor, decompose_both, full_matrix (LoKr).
     targets: a preset ("attn", "attn-mlp", "all") or a list of patterns on module paths (glob, or
     regex with a 're:' prefix), e.g. ["*.attn2.to_k", "re:.*attn1\\.to_(q|v)"].
     rank_overrides / alpha_overrides: {pattern: value}; the first matching pattern wins; rank 0 skips a layer.
     conv_rank / conv_alpha: rank and alpha for convs with a kernel larger than 1x1 (default: rank, alpha).
-    alpha None means alpha = rank. Every non-LoRA parameter of `model_part` is frozen afterwards;
-    the new A and B train (earlier LoRAs keep their requires_grad).
+    alpha None (or 0) means alpha = rank. Every non-adapter parameter of `model_part` is frozen afterwards;
+    the new adapter tensors train (earlier adapters keep their requires_grad).
     """
+    if adapter not in ADAPTERS:
+        raise ValueError(f"unknown adapter {adapter!r}; expected one of {', '.join(ADAPTERS)}")
+    unknown = sorted(set(adapter_options) - set(ADAPTER_OPTIONS[adapter]))
+    if unknown:
+        raise TypeError(f"{adapter} takes no option {', '.join(unknown)}; its options: "
+                        f"{', '.join(ADAPTER_OPTIONS[adapter])}")
     patterns = _patterns(targets)
     chosen = [(p, m) for p, m in candidates(model_part) if any(pat.fullmatch(p) for pat in patterns)]
     if not chosen:
@@ -116,36 +133,36 @@ def inject(model_part: nn.Module, rank: int = 4, alpha: float | None = None,
         a = override if override is not None else a
         if r == 0:
             continue
-        layer = wrap(module, r, a, rs=rs, dropout=dropout, init=init, name=name, dtype=dtype)
-        set_module(model_part, path, layer)
+        new = ADAPTERS[adapter](module, r, a, rs=rs, dropout=dropout, init=init, name=name, dtype=dtype,
+                                **adapter_options)
+        set_module(model_part, path, new)
         injected.append(path)
     freeze_base(model_part)
     for path in injected:
-        layer = model_part.get_submodule(path)
-        layer.lora_down.weight.requires_grad_(True)
-        layer.lora_up.weight.requires_grad_(True)
+        for p in model_part.get_submodule(path).adapter_parameters():
+            p.requires_grad_(True)
     return injected
 
 
 def freeze_base(model: nn.Module) -> None:
-    """requires_grad=False on every parameter that is not a LoRA factor."""
-    lora_ids = {id(p) for layer in lora_layers(model) for p in (layer.lora_down.weight, layer.lora_up.weight)}
+    """requires_grad=False on every parameter that is not an adapter's own."""
+    lora_ids = {id(p) for layer in lora_layers(model) for p in layer.adapter_parameters()}
     for p in model.parameters():
         if id(p) not in lora_ids:
             p.requires_grad_(False)
 
 
-def lora_layers(model: nn.Module, name: str | None = None) -> list[_LoRALayer]:
-    """Every LoRA layer in `model` (stacked ones included), or only those of adapter `name`."""
-    return [m for m in model.modules() if isinstance(m, LORA_LAYERS) and (name is None or m.name == name)]
+def lora_layers(model: nn.Module, name: str | None = None) -> list[Adapter]:
+    """Every adapter layer in `model` (stacked ones included), or only those of adapter `name`."""
+    return [m for m in model.modules() if isinstance(m, Adapter) and (name is None or m.name == name)]
 
 
-def named_lora_layers(model: nn.Module, name: str | None = None) -> list[tuple[str, _LoRALayer]]:
+def named_lora_layers(model: nn.Module, name: str | None = None) -> list[tuple[str, Adapter]]:
     """(path, layer) where path is the wrapped module's own path; a stacked layer reports the same path."""
     out = []
     for path, module in candidates(model):
         layer = module
-        while isinstance(layer, _LoRALayer):
+        while isinstance(layer, Adapter):
             if name is None or layer.name == name:
                 out.append((path, layer))
             layer = layer.base
@@ -153,8 +170,8 @@ def named_lora_layers(model: nn.Module, name: str | None = None) -> list[tuple[s
 
 
 def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
-    """The A and B parameters (what an optimizer should get)."""
-    return [p for layer in lora_layers(model, name) for p in (layer.lora_down.weight, layer.lora_up.weight)]
+    """The adapters' own parameters: A and B for LoRA, and m for DoRA, the hada_/lokr_ factors (for an optimizer)."""
+    return [p for layer in lora_layers(model, name) for p in layer.adapter_parameters()]
 
 
 def set_multiplier(model: nn.Module, multiplier: float, name: str | None = None) -> None:
@@ -176,38 +193,50 @@ def merge(model: nn.Module, name: str | None = None) -> None:
 
 
 def unmerge(model: nn.Module, name: str | None = None) -> None:
-    for layer in lora_layers(model, name):
+    """Take merged updates back out of the weights, the last merged first (DoRA's merge is not a plain sum)."""
+    for layer in sorted(lora_layers(model, name), key=lambda lay: -lay.merge_tick):
         layer.unmerge()
 
 
+def _chain(module: nn.Module) -> tuple[list[Adapter], nn.Module]:
+    """The adapters stacked at one path, top first, and the plain layer under them."""
+    chain = []
+    while isinstance(module, Adapter):
+        chain.append(module)
+        module = module.base
+    return chain, module
+
+
 def remove(model: nn.Module, name: str | None = None, *, merge: bool = False) -> list[str]:
-    """Take LoRA layers out again (all, or adapter `name`), putting the wrapped layer back; return their paths.
+    """Take adapter layers out again (all, or adapter `name`), putting the wrapped layer back; return their paths.
 
     merge=True keeps each update folded into the weights (a plain fine-tuned model); otherwise the
     weights go back to the base model's: merged updates are subtracted and PiSSA residuals restored.
     """
     removed = []
     for path, module in list(candidates(model)):
-        keep, chain = [], module
-        while isinstance(chain, _LoRALayer):
-            keep.append(chain)
-            chain = chain.base
-        bottom = chain
-        survivors = []
-        for layer in keep:
-            if name is not None and layer.name != name:
-                survivors.append(layer)
-                continue
-            with torch.no_grad():
+        chain, bottom = _chain(module)
+        going = [layer for layer in chain if name is None or layer.name == name]
+        if not going:
+            continue
+        survivors = [layer for layer in chain if all(layer is not g for g in going)]
+        with torch.no_grad():
+            # Undo every merge into this weight, the last first, so each layer unmerges from what it merged into;
+            # the survivors' merges are made again afterwards.
+            merged = sorted((layer for layer in chain if layer.merged), key=lambda lay: -lay.merge_tick)
+            for layer in merged:
+                layer.unmerge()
+            for layer in going:
                 if merge:
                     layer.merge()
-                else:
-                    layer.unmerge()
                 if layer.pissa:
                     w = bottom.weight
                     # merged: W_res + s·B·A becomes W0 + s·(B·A - B0·A0); unmerged: W_res back to W0.
                     w.copy_((w.float() + layer.pissa_offset()).to(w.dtype))
-            removed.append(path)
+            for layer in reversed(merged):
+                if any(layer is s for s in survivors):
+                    layer.merge()
+        removed.append(path)
         # Rebuild the stack from the bottom with only the layers that stay.
         top = bottom
         for layer in reversed(survivors):
@@ -219,16 +248,16 @@ def remove(model: nn.Module, name: str | None = None, *, merge: bool = False) ->
 
 
 def base_state_dict(model: nn.Module, *, merged: bool = False) -> dict[str, torch.Tensor]:
-    """The state dict under the ORIGINAL keys, without LoRA tensors, as an original checkpoint has them.
+    """The state dict under the ORIGINAL keys, without adapter tensors, as an original checkpoint has them.
 
     merged=False: the base model's weights (merged updates subtracted, PiSSA residuals restored).
-    merged=True: weights with every LoRA folded in at its current multiplier, i.e. what the model computes.
+    merged=True: weights with every adapter folded in at its current multiplier, i.e. what the model computes.
     Does not change the model.
     """
     out: dict[str, torch.Tensor] = {}
     lora_paths = {}
     for path, module in candidates(model):
-        if isinstance(module, _LoRALayer):
+        if isinstance(module, Adapter):
             lora_paths[path] = module
     for key, value in model.state_dict().items():
         owner = next((p for p in lora_paths if key.startswith(p + ".")), None)
@@ -238,21 +267,21 @@ def base_state_dict(model: nn.Module, *, merged: bool = False) -> dict[str, torc
         rest = key[len(owner) + 1:]
         parts = rest.split(".")
         if parts[-1] not in ("weight", "bias") or any(p != "base" for p in parts[:-1]):
-            continue  # lora_down / lora_up / pissa buffers of some layer in the stack
+            continue  # the factors / pissa buffers of some adapter in the stack
         out[f"{owner}.{parts[-1]}"] = value
     for path, top in lora_paths.items():
-        chain, layer = [], top
-        while isinstance(layer, _LoRALayer):
-            chain.append(layer)
-            layer = layer.base
+        chain, layer = _chain(top)
         w = layer.weight.detach().float()
-        for lay in chain:
-            if lay.merged:  # back to the unmerged weight first
-                w = w - lay.lora_weight(lay._merged_factor)
-            if merged:
-                w = w + lay.lora_weight()
-            elif lay.pissa:  # W_res + s·B0·A0 = W0
-                w = w + lay.pissa_offset()
+        if merged:  # what the model computes: the weight as it is, plus each live update (each made from that weight)
+            for lay in chain:
+                if not lay.merged:
+                    w = w + lay.delta_weight()
+        else:
+            for lay in sorted((lay for lay in chain if lay.merged), key=lambda lay: -lay.merge_tick):
+                w = lay.unmerged_weight(w)
+            for lay in chain:
+                if lay.pissa:  # W_res + s·B0·A0 = W0
+                    w = w + lay.pissa_offset()
         out[f"{path}.weight"] = w.to(layer.weight.dtype)
     return out
 
@@ -266,25 +295,34 @@ def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
 
 
 def report(model: nn.Module, name: str | None = None) -> str:
-    """A table of LoRA parameters per block: frozen d·k of the wrapped layers vs trainable r·(d+k)."""
+    """A table of adapter parameters per block: frozen d·k of the wrapped layers vs the adapters' trainable tensors
+    (r·(d+k) for LoRA; also m for DoRA, 2r·(d+k) for LoHa, W1 and W2 for LoKr), with a total per adapter kind."""
     rows: dict[str, list[int]] = {}
+    kinds: dict[str, int] = {}
+    plain_lora = True
     for path, layer in named_lora_layers(model, name):
         m = re.match(r"(.*?\.\d+)(\.|$)", path)
         block = m.group(1) if m else path.split(".")[0]
-        dk, rdk = lora_params(layer.rank, layer)
+        dk = layer.weight.numel()
+        own = sum(p.numel() for p in layer.adapter_parameters())
+        kinds[layer.kind] = kinds.get(layer.kind, 0) + own
+        plain_lora &= layer.kind == "lora" and getattr(layer, "lora_mid", None) is None
         row = rows.setdefault(block, [0, 0, 0])
         row[0] += 1
         row[1] += dk
-        row[2] += rdk
+        row[2] += own
     if not rows:
-        return "no LoRA layers"
+        return "no adapter layers"
+    label = "r*(d+k) (LoRA)" if plain_lora else "trainable (" + "+".join(kinds) + ")"
     width = max(len("block"), *(len(b) for b in rows))
-    lines = [f"{'block':<{width}}  {'layers':>6}  {'d*k (frozen)':>14}  {'r*(d+k) (LoRA)':>15}  {'ratio':>7}"]
+    lines = [f"{'block':<{width}}  {'layers':>6}  {'d*k (frozen)':>14}  {label:>15}  {'ratio':>7}"]
     total = [0, 0, 0]
     for block, (n, dk, rdk) in rows.items():
         lines.append(f"{block:<{width}}  {n:>6}  {dk:>14,}  {rdk:>15,}  {rdk / dk:>7.2%}")
         total = [total[0] + n, total[1] + dk, total[2] + rdk]
     lines.append(f"{'total':<{width}}  {total[0]:>6}  {total[1]:>14,}  {total[2]:>15,}  {total[2] / total[1]:>7.2%}")
+    if len(kinds) > 1:
+        lines.append("by adapter: " + ", ".join(f"{kind} {count:,}" for kind, count in kinds.items()))
     all_params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lines.append(f"trainable {trainable:,} of {all_params:,} parameters in the model ({trainable / all_params:.3%})")

@@ -1,4 +1,5 @@
-"""LoRA files: write the kohya (A1111/ComfyUI/Forge) or diffusers layout, and read those plus LyCORIS LoCon files."""
+"""Adapter files: write the kohya/LyCORIS layout (A1111, ComfyUI, Forge, sd-scripts) or diffusers/peft's, and read
+those: sd-scripts LoRA and LoCon, LyCORIS LoCon (with Tucker cores), DoRA, LoHa and LoKr, diffusers/peft LoRA and DoRA."""
 
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ from atomic import atomic_path
 
 from . import names
 from .inject import candidates, freeze_base, named_lora_layers, set_module
-from .layer import _LoRALayer, wrap
+from .base import Adapter
+from .inject import ADAPTERS
+from .layer import wrap
+from .loha import LoHa
+from .lokr import LoKr
 
 FORMATS = ("kohya", "diffusers")
 SCALING_KEY = "lora_scaling"  # our metadata: "alpha/r" or "alpha/sqrt(r)" (how the file's alphas were meant)
@@ -123,8 +128,8 @@ def base_model_version(model: Any, parts: dict[str, nn.Module]) -> str:
 
 # ------------------------------------------------------------------------------------------ save
 
-def _factors(layer: _LoRALayer) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(down, up, alpha) for the file, with alpha / rank == the layer's scale whatever its scaling rule.
+def _factors(layer: Adapter) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(down, up, alpha) of a LoRA layer for the file, with alpha / rank == the layer's scale whatever its scaling rule.
 
     A PiSSA layer's change from the true W0 is s·(B·A − B0·A0): a rank-2r LoRA [B, −B0]·[A; A0].
     """
@@ -136,13 +141,42 @@ def _factors(layer: _LoRALayer) -> tuple[torch.Tensor, torch.Tensor, float]:
     return down, up, layer.scale * rank
 
 
+def kohya_tensors(layer: Adapter) -> dict[str, torch.Tensor]:
+    """One layer's tensors in the kohya/LyCORIS layout, keyed by the suffix after the module name: lora_down.weight,
+    lora_up.weight (+ lora_mid.weight, dora_scale), hada_*, lokr_*; and alpha, written so that alpha / r is the
+    layer's scale (the rule of every reader; r = rank, or the file's rank for PiSSA's rank-2r export)."""
+    if layer.pissa:
+        down, up, alpha = _factors(layer)
+        return {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(float(alpha))}
+    return {**layer.adapter_state_dict(), "alpha": torch.tensor(float(layer.scale * layer.rank))}
+
+
+def _diffusers_tensors(layer: Adapter, path: str) -> dict[str, torch.Tensor]:
+    """A LoRA or DoRA layer in the diffusers/peft layout (suffixes lora_A.weight, lora_B.weight, and DoRA's
+    lora_magnitude_vector: (out,), or (1, out, 1, 1) for a conv, as peft keeps it), alpha/r folded into B."""
+    if layer.kind not in ("lora", "dora") or getattr(layer, "lora_mid", None) is not None:
+        what = "a Tucker core (lora_mid)" if layer.kind in ("lora", "dora") else layer.kind
+        raise ValueError(f"{path}: diffusers/peft files have no layout for {what}; save it with format='kohya' "
+                         f"(the LyCORIS layout, which A1111, ComfyUI and LyCORIS read)")
+    # diffusers/peft readers take alpha = rank when a file has none: fold alpha/r into B.
+    down, up, alpha = _factors(layer)
+    out = {"lora_A.weight": down, "lora_B.weight": (up.float() * (alpha / down.shape[0])).to(up.dtype)}
+    if layer.kind == "dora":
+        if not layer.wd_on_output:
+            raise ValueError(f"{path}: peft's DoRA norms output channels; this layer norms input channels "
+                             f"(wd_on_output=False): save it with format='kohya'")
+        m = layer.dora_scale.detach().flatten()
+        out["lora_magnitude_vector"] = m.view(1, -1, 1, 1) if layer.is_conv else m
+    return out
+
+
 def lora_state_dict(model: Any, format: str = "kohya", *, name: str | None = None,
                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors save() writes, keyed as in the file."""
     if format not in FORMATS:
         raise ValueError(f"unknown LoRA format {format!r}; expected one of {FORMATS}")
     def cast(t: torch.Tensor) -> torch.Tensor:
-        return (t if dtype is None else t.to(dtype)).contiguous()
+        return (t if dtype is None or t.ndim == 0 else t.to(dtype)).contiguous()
 
     out: dict[str, torch.Tensor] = {}
     for part, module in model_parts(model).items():
@@ -153,20 +187,43 @@ def lora_state_dict(model: Any, format: str = "kohya", *, name: str | None = Non
                 raise ValueError(f"{path} carries several LoRAs ({seen[path]!r}, {layer.name!r}); "
                                  f"pass name= to choose which one to save")
             seen[path] = layer.name
-            down, up, alpha = _factors(layer)
             if format == "kohya":
                 key = namer(path, "kohya")
-                out[f"{key}.lora_down.weight"] = cast(down)
-                out[f"{key}.lora_up.weight"] = cast(up)
-                out[f"{key}.alpha"] = torch.tensor(float(alpha))
+                tensors = kohya_tensors(layer)
             else:
-                # diffusers/peft readers take alpha = rank when a file has none: fold alpha/r into B.
                 key = names.DIFFUSERS_PREFIX[part] + namer(path, "diffusers")
-                out[f"{key}.lora_A.weight"] = cast(down)
-                out[f"{key}.lora_B.weight"] = cast((up.float() * (alpha / down.shape[0])).to(up.dtype))
+                tensors = _diffusers_tensors(layer, path)
+            out.update({f"{key}.{suffix}": cast(t.detach()) for suffix, t in tensors.items()})
     if not out:
         raise ValueError("the model has no LoRA layers" + ("" if name is None else f" named {name!r}"))
     return out
+
+
+def lycoris_args(layers: list[Adapter]) -> dict[str, str] | None:
+    """ss_network_args as sd-scripts writes LyCORIS's --network_args (every value a string), or None for plain LoRA,
+    which is sd-scripts' own networks.lora. algo: lora (for DoRA and Tucker LoCon too), loha or lokr."""
+    kinds = Counter(layer.kind for layer in layers)
+    tucker = any(getattr(layer, "tucker", False) or getattr(layer, "lora_mid", None) is not None for layer in layers)
+    if set(kinds) == {"lora"} and not tucker:
+        return None
+    kind = kinds.most_common(1)[0][0]
+    args = {"algo": {"dora": "lora", "lora": "locon"}.get(kind, kind)}
+    conv = [layer for layer in layers if any(k > 1 for k in layer.weight.shape[2:])]
+    if conv:
+        args.update(conv_dim=str(conv[0].rank), conv_alpha=f"{conv[0].scale * conv[0].rank:g}")
+    if tucker:
+        args["use_tucker"] = "True"
+    if kind == "dora":
+        args["dora_wd"] = "True"
+        if not layers[0].wd_on_output:
+            args["wd_on_output"] = "False"
+    if kind == "lokr":
+        first = next(layer for layer in layers if layer.kind == "lokr")
+        args["factor"] = str(first.factor)
+        for flag in ("decompose_both", "full_matrix"):
+            if getattr(first, flag):
+                args[flag] = "True"
+    return args
 
 
 def _stringify(metadata: dict[str, Any]) -> dict[str, str]:
@@ -180,8 +237,11 @@ def save(path: str | os.PathLike, model: Any, format: str = "kohya", *, name: st
     kohya: 'lora_unet_<diffusers name>.lora_down.weight' / '.lora_up.weight' / '.alpha', with the
     sd-scripts metadata (ss_network_dim, ss_network_alpha, ss_base_model_version, ...). Alphas are
     written so that alpha / rank is each layer's scale, which is what every reader computes; rsLoRA is
-    noted in 'lora_scaling' so that load() can give the original alpha back.
-    diffusers: 'unet.<diffusers name>.lora_A.weight' / '.lora_B.weight' with alpha/rank folded into B.
+    noted in 'lora_scaling' so that load() can give the original alpha back. The other adapters are
+    written as LyCORIS writes them ('.lora_mid.weight', '.dora_scale', '.hada_w1_a', '.lokr_w1', ...), with
+    ss_network_module 'lycoris.kohya' and ss_network_args {"algo": ..., ...} as sd-scripts records them.
+    diffusers: 'unet.<diffusers name>.lora_A.weight' / '.lora_B.weight' with alpha/rank folded into B, and
+    '.lora_magnitude_vector' for DoRA (peft's layout); LoHa, LoKr and Tucker cores have no diffusers layout.
     metadata: extra entries (e.g. the training config); non-string values are stored as JSON.
     The write is atomic: a temp file in the same folder, then os.replace.
     """
@@ -193,17 +253,20 @@ def save(path: str | os.PathLike, model: Any, format: str = "kohya", *, name: st
         rs = {layer.rs for layer in layers}
         ranks = Counter(layer.rank for layer in layers)
         alphas = Counter(layer.scale * layer.rank for layer in layers)
-        conv = [layer for layer in layers if any(k > 1 for k in getattr(layer, "kernel_size", ()))]
+        conv = [layer for layer in layers if any(k > 1 for k in layer.weight.shape[2:])]
         version = base_model_version(model, parts)
+        lycoris = lycoris_args(layers)
         meta.update({
-            "ss_network_module": "networks.lora",
+            "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
             "ss_network_dim": str(ranks.most_common(1)[0][0]),
             "ss_network_alpha": f"{alphas.most_common(1)[0][0]:g}",
             "ss_base_model_version": version,
             "ss_v2": str(version.startswith("sd_v2")),
             SCALING_KEY: "alpha/sqrt(r)" if rs == {True} else "alpha/r",
         })
-        if conv:
+        if lycoris:
+            meta["ss_network_args"] = json.dumps(lycoris)
+        elif conv:
             meta["ss_network_args"] = json.dumps({"conv_dim": str(conv[0].rank),
                                                   "conv_alpha": f"{conv[0].scale * conv[0].rank:g}"})
         if any(layer.pissa for layer in layers):
@@ -222,7 +285,11 @@ def save(path: str | os.PathLike, model: Any, format: str = "kohya", *, name: st
 
 @dataclass
 class FileEntry:
-    """One module's tensors in a LoRA file, as parse_entries() groups them (factors as stored, not reshaped)."""
+    """One module's tensors in a LoRA file, as parse_entries() groups them (factors as stored, not reshaped).
+
+    factors: every tensor but alpha under its kohya/LyCORIS suffix ('lora_down.weight', 'dora_scale', 'hada_w1_a',
+    'lokr_w2_b', ...; diffusers files are read into the same names, their magnitude as 'lora_magnitude_vector');
+    down and up repeat the LoRA pair."""
     part: str
     module: str          # the module name as the file spells it
     fmt: str             # "kohya" or "diffusers": which naming `module` follows
@@ -230,9 +297,18 @@ class FileEntry:
     up: torch.Tensor | None = None
     alpha: float | None = None
     keys: list[str] = field(default_factory=list)
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-_KOHYA_KEY = re.compile(r"(lora_unet|lora_te\d?)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)")
+# The LyCORIS/kohya suffixes after a module name (besides alpha), by adapter.
+KOHYA_FACTORS = {
+    "lora": ("lora_down.weight", "lora_up.weight", "lora_mid.weight"),
+    "dora": ("dora_scale",),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+}
+_ROLES = "|".join(re.escape(r) for names_ in KOHYA_FACTORS.values() for r in names_) + "|alpha"
+_KOHYA_KEY = re.compile(rf"(lora_unet|lora_te\d?)_(.+?)\.({_ROLES})")
 _KOHYA_ANY = re.compile(r"(lora_unet|lora_te\d?)_([^.]+)\.(.+)")
 # diffusers/peft suffixes: current peft, the LoRACompatible layers (~0.19-0.24), and attention processors.
 _DIFF_SUFFIXES = [
@@ -240,17 +316,13 @@ _DIFF_SUFFIXES = [
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
+    (".lora_magnitude_vector", "lora_magnitude_vector"), (".lora_magnitude_vector.weight", "lora_magnitude_vector"),
     (".alpha", "alpha"),
 ]
 # What we recognise but do not implement, by key fragment.
 _UNSUPPORTED = [
-    ("lora_mid", "LoCon/LoHa Tucker factors (lora_mid)"),
-    ("hada_", "LoHa (hada_*)"),
-    ("lokr_", "LoKr (lokr_*)"),
-    ("dora_scale", "DoRA (dora_scale)"),
-    ("lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
     (".diff", "full weight differences (.diff)"),
-    ("oft_", "OFT"), ("boft_", "BOFT"), ("ia3", "IA3"),
+    ("oft_", "OFT"), ("boft_", "BOFT"), ("ia3", "IA3"), ("lokr_t1", "LoKr with a Tucker core on W1 (lokr_t1)"),
 ]
 
 
@@ -280,7 +352,12 @@ def parse_entries(tensors: dict[str, torch.Tensor]) -> tuple[dict[tuple[str, str
         if role == "alpha":
             entry.alpha = float(tensors[key].float().item())
         else:
-            setattr(entry, role, tensors[key])
+            role = {"down": "lora_down.weight", "up": "lora_up.weight"}.get(role, role)
+            entry.factors[role] = tensors[key]
+            if role == "lora_down.weight":
+                entry.down = tensors[key]
+            elif role == "lora_up.weight":
+                entry.up = tensors[key]
         entry.keys.append(key)
 
     for key in tensors:
@@ -295,8 +372,7 @@ def parse_entries(tensors: dict[str, torch.Tensor]) -> tuple[dict[tuple[str, str
             if part is None:
                 problems.setdefault("unknown kohya prefix", []).append(key)
                 continue
-            add(part, f"{prefix}_{module}", "kohya", {"lora_down.weight": "down", "lora_up.weight": "up",
-                                                      "alpha": "alpha"}[role], key)
+            add(part, f"{prefix}_{module}", "kohya", role, key)
             continue
         if _KOHYA_ANY.fullmatch(key):
             problems.setdefault("unknown kohya key suffix", []).append(key)
@@ -407,15 +483,17 @@ def peft_configs(metadata: dict[str, str], path: str) -> dict[str, dict]:
 def entry_alpha(entry: FileEntry, rank: int, rs_file: bool, peft: dict[str, dict]) -> tuple[float, bool]:
     """(alpha, rank-stabilised?) for one module of a file, so that its scale is alpha/r (or alpha/sqrt(r)).
 
-    The order: the module's own .alpha tensor (rs_file: the file's metadata says alpha/sqrt(r), see save());
-    then the peft config of its part (peft_configs(), with alpha_pattern); else alpha = rank (scale 1).
+    The order: the module's own .alpha tensor (rs_file: the file's metadata says alpha/sqrt(r), see save(); or, in a
+    diffusers file, its peft config says use_rslora); then the peft config of its part (peft_configs(), with
+    alpha_pattern); else alpha = rank (scale 1). An alpha of 0 counts as none, as sd-scripts and LyCORIS read it:
+    scale 1, not an update switched off.
     """
-    if entry.alpha is not None:
+    config = peft.get(entry.part) if entry.fmt == "diffusers" else None
+    if entry.alpha:
         if rs_file:  # our rsLoRA files hold alpha·sqrt(r), so that alpha_file / r is the scale for every reader
             return entry.alpha / math.sqrt(rank), True
-        return entry.alpha, False
-    config = peft.get(entry.part)
-    if entry.fmt == "diffusers" and config:
+        return entry.alpha, bool(config and config.get("use_rslora", False))
+    if config:
         alpha = config.get("lora_alpha", rank)
         for pattern, value in (config.get("alpha_pattern") or {}).items():
             if re.fullmatch(rf"(.*\.)?({pattern})", entry.module):  # peft's rule for pattern keys
@@ -448,15 +526,105 @@ def describe_problems(path: str, problems: dict[str, list[str]], hints: list[str
     return "\n".join(lines)
 
 
+def entry_kind(entry: FileEntry) -> str:
+    """'lora', 'dora', 'loha' or 'lokr' from a module's factor names; a ValueError names what does not fit."""
+    f = entry.factors
+    kinds = [k for k in ("lora", "loha", "lokr") if any(n in f for n in KOHYA_FACTORS[k])]
+    dora = "dora_scale" in f or "lora_magnitude_vector" in f
+    if len(kinds) > 1:
+        raise ValueError("modules with the factors of several adapter types")
+    if not kinds or kinds == ["lora"]:
+        if entry.down is None or entry.up is None:
+            raise ValueError("modules missing their down or up weight")
+        return "dora" if dora else "lora"
+    if dora:
+        raise ValueError("unsupported LoRA type: DoRA on LoHa/LoKr (dora_scale beside hada_*/lokr_*, LyCORIS's dora_wd "
+                         "with algo loha or lokr) is not built; LoHa, LoKr and DoRA on LoRA factors are")
+    if kinds == ["loha"]:
+        if not all(n in f for n in KOHYA_FACTORS["loha"][:4]) or ("hada_t1" in f) != ("hada_t2" in f):
+            raise ValueError("LoHa modules missing some of hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b (or a core)")
+        return "loha"
+    if not ("lokr_w1" in f or {"lokr_w1_a", "lokr_w1_b"} <= f.keys()) or \
+            not ("lokr_w2" in f or {"lokr_w2_a", "lokr_w2_b"} <= f.keys()):
+        raise ValueError("LoKr modules missing W1 (lokr_w1, or lokr_w1_a and lokr_w1_b) or W2")
+    return "lokr"
+
+
+def entry_rank(kind: str, entry: FileEntry) -> int:
+    """The rank r of alpha/r: the inner size of the low-rank factors (a LoKr with both factors full has none: 1)."""
+    f = entry.factors
+    if kind in ("lora", "dora"):
+        return entry.down.shape[0]
+    if kind == "loha":
+        return f["hada_w1_b"].shape[0]
+    low = f.get("lokr_w1_b", f.get("lokr_w2_b"))
+    return 1 if low is None else low.shape[0]
+
+
+def _stand_in(module: nn.Module, mpath: str) -> nn.Module:
+    """The layer an entry adapts: the module at mpath, or, for a third of OpenCLIP's packed q/k/v, an nn.Linear
+    holding a copy of that third (to compute what merging adds to it)."""
+    if not _PACKED.fullmatch(mpath):
+        return module.get_submodule(mpath)
+    w = _target_weight(module, mpath)
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+    return linear
+
+
+def copy_factors(layer: Adapter, factors: dict[str, torch.Tensor]) -> None:
+    """Put a file's factors into `layer`, whose tensors carry the same names; ValueError on a missing name or shape.
+
+    The same numbers in another arrangement are accepted: a 1x1 conv's (r, in, 1, 1) for a linear (r, in), a kernel
+    kept flat or not, and peft's magnitude (out,) or (1, out, 1, 1) for dora_scale."""
+    own = {n: p for n, p in layer.named_parameters() if not n.startswith("base.")}
+    given = {("dora_scale" if n == "lora_magnitude_vector" else n): t for n, t in factors.items()}
+    if given.keys() != own.keys():
+        raise ValueError(f"factors {sorted(given)}, the layer has {sorted(own)}")
+    wrong = []
+    for n, t in given.items():
+        p = own[n]
+        same = t.shape == p.shape or (t.numel() == p.numel() and (t.shape[0] == p.shape[0] or n == "dora_scale"))
+        if not same:
+            wrong.append(f"{n} {tuple(t.shape)} (needs {tuple(p.shape)})")
+    if wrong:
+        raise ValueError(", ".join(wrong))
+    with torch.no_grad():
+        for n, t in given.items():
+            own[n].copy_(t.reshape(own[n].shape))
+
+
+def build_layer(kind: str, module: nn.Module, entry: FileEntry, rank: int, alpha: float, **kwargs: Any) -> Adapter:
+    """The adapter layer of one file entry around `module`, its factors copied in; ValueError when they do not fit."""
+    f = entry.factors
+    if kind == "lokr":
+        layer = LoKr(module, rank, alpha, shapes={n: tuple(t.shape) for n, t in f.items()}, **kwargs)
+    elif kind == "loha":
+        layer = LoHa(module, rank, alpha, tucker="hada_t1" in f, **kwargs)
+    else:
+        options = {"tucker": "lora_mid.weight" in f}
+        if kind == "dora":
+            m, out = f.get("dora_scale", f.get("lora_magnitude_vector")), module.weight.shape[0]
+            options["wd_on_output"] = "lora_magnitude_vector" in f or (m.shape[0] == out and m.numel() == out)
+        layer = ADAPTERS[kind](module, rank, alpha, **options, **kwargs)
+    copy_factors(layer, f)
+    with torch.no_grad():
+        shape = layer.update_weight().shape  # also checks that the factors fit each other
+    if shape != layer.weight.shape:
+        raise ValueError(f"the factors make a weight of shape {tuple(shape)}, the layer has {tuple(layer.weight.shape)}")
+    return layer
+
+
 def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool = False,
          name: str | None = None, strict: bool = True, trainable: bool = False,
          dtype: torch.dtype | None = None) -> LoadedLoRA:
     """Apply a LoRA file to `model` (a UNet, a text encoder, a dict of them, or an object with .unet).
 
-    Reads our files, sd-scripts/kohya files, LyCORIS LoCon files, and diffusers/peft files. A module
-    without alpha gets alpha = rank. merge=False adds live layers named `name` (default: the file's
-    stem) whose multiplier is `scale`; several files can be loaded, each adjustable with
-    set_multiplier(model, s, name). merge=True adds scale · B·A straight into the weights instead.
+    Reads our files, sd-scripts/kohya files, LyCORIS files (LoCon with or without Tucker cores, DoRA, LoHa,
+    LoKr), and diffusers/peft files (LoRA, DoRA). A module without alpha (or with alpha 0, as sd-scripts reads
+    it) gets alpha = rank. merge=False adds live layers named `name` (default: the file's stem) whose
+    multiplier is `scale`; several files can be loaded, each adjustable with set_multiplier(model, s, name).
+    merge=True adds scale · ΔW straight into the weights instead (for DoRA: scale · (W' − W0)).
     Everything is checked before the model is touched: keys that match no module, shape mismatches
     (e.g. a LoRA for another base model) and unsupported LoRA types raise one ValueError listing them.
     strict=False skips (and reports in .skipped) keys for modules the model does not have.
@@ -492,7 +660,7 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
                 diffusers[hf] = packed
         lookups[(part, "kohya")], lookups[(part, "diffusers")] = kohya, diffusers
 
-    plan: list[tuple[str, str, FileEntry]] = []  # (part, module path, entry)
+    plan: list[tuple[str, str, FileEntry, Adapter | None]] = []  # (part, module path, entry, its layer if built)
     skipped: list[str] = []
     hints: list[str] = []
     part_names = {"unet": "UNet", "te": "text encoder", "te1": "first SDXL text encoder (CLIP-L, lora_te1_)",
@@ -509,12 +677,27 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
             what = f"keys that match no {part_names[part]} module"
             (skipped if not strict else problems.setdefault(what, [])).extend(entry.keys)
             continue
-        if entry.down is None or entry.up is None:
-            problems.setdefault("modules missing their down or up weight", []).append(fname)
+        try:
+            kind = entry_kind(entry)
+        except ValueError as err:
+            problems.setdefault(str(err), []).append(fname)
             continue
         if _PACKED.fullmatch(mpath) and not merge:
             problems.setdefault("q/k/v of an OpenCLIP text encoder (SD2, SDXL's second) are one packed tensor "
                                 "(attn.in_proj_weight) with no layer to wrap: load with merge=True", []).append(fname)
+            continue
+        if kind != "lora" or "lora_mid.weight" in entry.factors:
+            # DoRA, LoHa, LoKr, Tucker LoCon: the layer is built now (nothing in the model changes yet) and checked.
+            rank = entry_rank(kind, entry)
+            alpha, layer_rs = entry_alpha(entry, rank, rs, peft)
+            try:
+                layer = build_layer(kind, _stand_in(parts[part], mpath), entry, rank, alpha, rs=layer_rs,
+                                    multiplier=scale, name=name, dtype=dtype)
+            except (ValueError, RuntimeError) as err:
+                problems.setdefault("shape mismatches (file factors vs what the model's layer needs)", []).append(
+                    f"{fname} ({kind}): {str(err).splitlines()[0]}")
+                continue
+            plan.append((part, mpath, entry, layer))
             continue
         weight = _target_weight(parts[part], mpath)
         down = _as_weight_shape(entry.down, weight.ndim)
@@ -534,7 +717,7 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
                     hints.append(hint)
             continue
         entry.down, entry.up = down, up
-        plan.append((part, mpath, entry))
+        plan.append((part, mpath, entry, None))
 
     file_version = metadata.get("ss_base_model_version")
     model_version = base_model_version(model, parts)
@@ -546,8 +729,19 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
         raise ValueError(f"cannot load LoRA file {path}: no LoRA weights for this model in it")
 
     modules = []
-    for part, mpath, entry in plan:
+    for part, mpath, entry, layer in plan:
         module = parts[part]
+        if layer is not None:
+            if merge:
+                weight = _target_weight(module, mpath)
+                with torch.no_grad():
+                    weight.copy_((weight.float() + layer.delta_weight(scale)).to(weight.dtype))
+            else:
+                for p in layer.adapter_parameters():  # only the new tensors' flags change
+                    p.requires_grad_(trainable)
+                set_module(module, mpath, layer)
+            modules.append(f"{part}:{mpath}" if len(parts) > 1 else mpath)
+            continue
         r = entry.down.shape[0]
         alpha, layer_rs = entry_alpha(entry, r, rs, peft)
         if merge:
@@ -570,6 +764,6 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
     if trainable and not merge:
         for module in parts.values():
             freeze_base(module)  # as inject() leaves it: only LoRA factors train
-    fmt = "kohya" if any(e.fmt == "kohya" for _, _, e in plan) else "diffusers"
+    fmt = "kohya" if any(e.fmt == "kohya" for _, _, e, _ in plan) else "diffusers"
     return LoadedLoRA(name=name, path=path, format=fmt, modules=modules, merged=merge, skipped=skipped,
                       metadata=metadata)

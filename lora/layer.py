@@ -1,4 +1,9 @@
-"""LoRA layers: a frozen linear or conv layer plus a trainable low-rank update, y = W0·x + b + s·B(A(x))."""
+"""LoRA (Hu et al. 2021): a frozen linear or conv layer plus a trainable low-rank update, y = W0·x + b + s·B(A(x)).
+
+For a kxk conv, A is a kxk conv with r outputs and B a 1x1 conv (LoCon); with tucker=True the kernel moves into a
+small r×r×k×k core between two 1x1 convs, A -> lora_mid -> B (LyCORIS's Tucker/CP LoCon), so that
+ΔW[o,i,h,w] = Σ B[o,p]·mid[p,q,h,w]·A[q,i].
+"""
 
 from __future__ import annotations
 
@@ -7,58 +12,15 @@ import math
 import torch
 from torch import nn
 
+from .base import Adapter
+
 INITS = ("kaiming", "gaussian", "pissa")
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+class _LoRALayer(Adapter):
+    """What LoRALinear and LoRAConv share: the factors A (lora_down) and B (lora_up), and the three inits."""
 
-
-class _LoRALayer(nn.Module):
-    """What LoRALinear and LoRAConv share: the factors, the scale, merging, and the three inits.
-
-    `base` is the wrapped layer: a plain nn.Linear / nn.Conv2d, or another LoRA layer when several
-    LoRAs are stacked on one module. Its weight W0 is frozen and never copied.
-    """
-
-    def __init__(self, base: nn.Module, rank: int, alpha: float | None, rs: bool, dropout: float,
-                 multiplier: float, name: str) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.base = base
-        self.rank = int(rank)
-        # No alpha means alpha = rank, i.e. scale 1: the convention of every LoRA file reader.
-        self.alpha = float(rank if alpha is None else alpha)
-        self.rs = bool(rs)
-        self.multiplier = float(multiplier)
-        self.name = name
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self._merged_factor = 0.0  # multiplier * scale at merge time, so unmerge removes exactly what was added
-        self.pissa = False
-
-    # -- the scale -------------------------------------------------------------------------------
-    @property
-    def scale(self) -> float:
-        """s = alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA (rsLoRA)."""
-        return self.alpha / (math.sqrt(self.rank) if self.rs else self.rank)
-
-    # -- the frozen layer at the bottom of the stack --------------------------------------------------
-    @property
-    def base_layer(self) -> nn.Module:
-        layer = self.base
-        while isinstance(layer, _LoRALayer):
-            layer = layer.base
-        return layer
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
+    kind = "lora"
 
     # -- the update as a weight ---------------------------------------------------------------------
     def lora_weight(self, factor: float | None = None) -> torch.Tensor:
@@ -66,27 +28,34 @@ class _LoRALayer(nn.Module):
         if factor is None:
             factor = self.multiplier * self.scale
         up = self.lora_up.weight.float().flatten(1)      # (out, r)
-        down = self.lora_down.weight.float().flatten(1)  # (r, in·kh·kw)
-        return (factor * (up @ down)).view(self.weight.shape)
+        down = self.lora_down.weight.float().flatten(1)  # (r, in·kh·kw), or (r, in) under a Tucker core
+        mid = getattr(self, "lora_mid", None)
+        if mid is None:
+            return (factor * (up @ down)).view(self.weight.shape)
+        return factor * torch.einsum("pqhw,op,qi->oihw", mid.weight.float(), up, down)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into W0 so the layer runs at base speed; exact up to float rounding."""
-        if self.merged:
-            return
-        w = self.weight
-        factor = self.multiplier * self.scale
-        w.copy_((w.float() + self.lora_weight(factor)).to(w.dtype))
-        self._merged_factor, self.merged = factor, True
+    def lora_update(self) -> torch.Tensor:
+        """s·B·A shaped like W0, in the factors' dtype, differentiable."""
+        up, down = self.lora_up.weight.flatten(1), self.lora_down.weight.flatten(1)
+        mid = getattr(self, "lora_mid", None)
+        if mid is None:
+            return self.scale * (up @ down).view(self.weight.shape)
+        return self.scale * torch.einsum("pqhw,op,qi->oihw", mid.weight, up, down)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take the update back out of W0 (the one added by merge(), whatever the multiplier is now)."""
-        if not self.merged:
-            return
-        w = self.weight
-        w.copy_((w.float() - self.lora_weight(self._merged_factor)).to(w.dtype))
-        self._merged_factor, self.merged = 0.0, False
+    def update_weight(self) -> torch.Tensor:
+        return self.lora_update()
+
+    def delta_weight(self, multiplier: float | None = None) -> torch.Tensor:
+        m = self.multiplier if multiplier is None else multiplier
+        with torch.no_grad():
+            return self.lora_weight(m * self.scale)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """B(A(x)) (through lora_mid when there is one), unscaled."""
+        h = self.lora_down(x)
+        if getattr(self, "lora_mid", None) is not None:
+            h = self.lora_mid(h)
+        return self.lora_up(h)
 
     # -- init ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -102,6 +71,8 @@ class _LoRALayer(nn.Module):
             nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         else:
             nn.init.normal_(self.lora_down.weight, std=1.0 / self.rank)
+        if getattr(self, "lora_mid", None) is not None:
+            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
 
     @torch.no_grad()
@@ -109,6 +80,8 @@ class _LoRALayer(nn.Module):
         """PiSSA: A, B from the top-r singular triplets of W0; the residual W0 - s·B·A replaces W0, frozen."""
         if self.merged or self.pissa:
             raise ValueError("PiSSA init must run once, on an unmerged layer")
+        if getattr(self, "lora_mid", None) is not None:
+            raise ValueError("PiSSA init needs plain A and B: it does not combine with a Tucker core (tucker=True)")
         w = self.weight
         if w.is_meta:
             raise ValueError("PiSSA init needs real weights (the base layer is on the meta device)")
@@ -140,24 +113,19 @@ class _LoRALayer(nn.Module):
         if self.merged or self.multiplier == 0.0:
             return y
         # The factors may be kept in float32 under a half-precision base; compute in theirs, add in y's.
-        # Under autocast the matmuls run in the autocast dtype whatever x is, so casting x would only copy it.
-        x = self.dropout(x)
-        if not _autocast_enabled(x.device.type):
-            x = x.to(self.lora_down.weight.dtype)
-        h = self.lora_down(x)
+        h = self.branch(self.inputs(x, self.lora_down.weight.dtype))
         # In place: y is the base layer's fresh output, which its backward does not need.
-        return y.add_(self.lora_up(h).to(y.dtype), alpha=self.multiplier * self.scale)
+        return y.add_(h.to(y.dtype), alpha=self.multiplier * self.scale)
 
     def extra_repr(self) -> str:
-        rule = "alpha/sqrt(r)" if self.rs else "alpha/r"
-        return (f"name={self.name!r}, rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g} ({rule}), "
-                f"multiplier={self.multiplier:g}, merged={self.merged}" + (", pissa" if self.pissa else ""))
+        tucker = ", tucker" if getattr(self, "lora_mid", None) is not None else ""
+        return super().extra_repr() + tucker + (", pissa" if self.pissa else "")
 
 
 class LoRALinear(_LoRALayer):
     """y = base(x) + multiplier · s · B(A(dropout(x))), with A = lora_down.weight (r×in), B = lora_up.weight (out×r)."""
 
-    def __init__(self, base: nn.Linear | LoRALinear, rank: int, alpha: float | None = None, *, rs: bool = False,
+    def __init__(self, base: nn.Linear | Adapter, rank: int, alpha: float | None = None, *, rs: bool = False,
                  dropout: float = 0.0, init: str = "kaiming", multiplier: float = 1.0, name: str = "default",
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(base, rank, alpha, rs, dropout, multiplier, name)
@@ -165,7 +133,7 @@ class LoRALinear(_LoRALayer):
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(layer).__name__}")
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        kw = dict(device=layer.weight.device, dtype=dtype or layer.weight.dtype)
+        kw = self.factory(dtype)
         self.lora_down = nn.Linear(self.in_features, self.rank, bias=False, **kw)
         self.lora_up = nn.Linear(self.rank, self.out_features, bias=False, **kw)
         self.reset_lora(init)
@@ -175,23 +143,25 @@ class LoRAConv(_LoRALayer):
     """LoRA for nn.Conv2d: A is a conv with the base's kernel, stride and padding and r outputs; B is a 1x1 conv.
 
     Since B only mixes channels, B(A(x)) is the conv of x with the kernel B·A (LoCon for kxk kernels).
+    tucker=True (kernels larger than 1x1): A and B are 1x1 convs and the kernel sits in lora_mid, r -> r channels.
     """
 
-    def __init__(self, base: nn.Conv2d | LoRAConv, rank: int, alpha: float | None = None, *, rs: bool = False,
+    def __init__(self, base: nn.Conv2d | Adapter, rank: int, alpha: float | None = None, *, rs: bool = False,
                  dropout: float = 0.0, init: str = "kaiming", multiplier: float = 1.0, name: str = "default",
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, tucker: bool = False) -> None:
         super().__init__(base, rank, alpha, rs, dropout, multiplier, name)
         layer = self.base_layer
         if not isinstance(layer, nn.Conv2d):
             raise TypeError(f"LoRAConv wraps an nn.Conv2d, got {type(layer).__name__}")
-        if layer.groups != 1 or layer.padding_mode != "zeros":
-            raise ValueError(f"LoRAConv supports groups=1, zero padding; got groups={layer.groups}, "
-                             f"padding_mode={layer.padding_mode!r}")
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size = layer.kernel_size
-        kw = dict(device=layer.weight.device, dtype=dtype or layer.weight.dtype)
-        self.lora_down = nn.Conv2d(self.in_channels, self.rank, layer.kernel_size, layer.stride, layer.padding,
-                                   layer.dilation, bias=False, **kw)
+        kw = self.factory(dtype)
+        geometry = (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+        if tucker and any(k > 1 for k in layer.kernel_size):
+            self.lora_down = nn.Conv2d(self.in_channels, self.rank, 1, bias=False, **kw)
+            self.lora_mid = nn.Conv2d(self.rank, self.rank, *geometry, bias=False, **kw)
+        else:
+            self.lora_down = nn.Conv2d(self.in_channels, self.rank, *geometry, bias=False, **kw)
         self.lora_up = nn.Conv2d(self.rank, self.out_channels, 1, bias=False, **kw)
         self.reset_lora(init)
 
@@ -199,18 +169,20 @@ class LoRAConv(_LoRALayer):
 LORA_LAYERS = (LoRALinear, LoRAConv)
 
 
-def wrap(module: nn.Module, rank: int, alpha: float | None = None, **kwargs) -> LoRALinear | LoRAConv:
-    """The LoRA layer for `module` (an nn.Linear, an nn.Conv2d, or a LoRA layer to stack on)."""
-    base = module.base_layer if isinstance(module, _LoRALayer) else module
+def wrap(module: nn.Module, rank: int, alpha: float | None = None, *, tucker: bool = False,
+         **kwargs) -> LoRALinear | LoRAConv:
+    """The LoRA layer for `module` (an nn.Linear, an nn.Conv2d, or an adapter to stack on).
+    tucker: kxk convs get a Tucker core (lora_mid) between two 1x1 factors, as LyCORIS's use_tucker."""
+    base = module.base_layer if isinstance(module, Adapter) else module
     if isinstance(base, nn.Linear):
         return LoRALinear(module, rank, alpha, **kwargs)
     if isinstance(base, nn.Conv2d):
-        return LoRAConv(module, rank, alpha, **kwargs)
+        return LoRAConv(module, rank, alpha, tucker=tucker, **kwargs)
     raise TypeError(f"LoRA supports nn.Linear and nn.Conv2d, got {type(module).__name__}")
 
 
 def lora_params(rank: int, layer: nn.Module) -> tuple[int, int]:
     """(d·k, r·(d+k)): weights in the frozen layer vs in its rank-r update (k counts kernel taps for convs)."""
-    w = layer.base_layer.weight if isinstance(layer, _LoRALayer) else layer.weight
+    w = layer.base_layer.weight if isinstance(layer, Adapter) else layer.weight
     d, k = w.shape[0], w[0].numel()
     return d * k, rank * (d + k)

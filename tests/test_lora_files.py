@@ -499,10 +499,11 @@ def test_unknown_keys_and_missing_halves(tmp_path):
 
 
 @pytest.mark.parametrize("key,what", [
-    ("lora_unet_mid_block_attentions_0_proj_in.lora_mid.weight", "lora_mid"),
-    ("lora_unet_mid_block_attentions_0_proj_in.hada_w1_a", "LoHa"),
-    ("lora_unet_mid_block_attentions_0_proj_in.lokr_w1", "LoKr"),
-    ("lora_unet_mid_block_attentions_0_proj_in.dora_scale", "DoRA"),
+    ("lora_unet_mid_block_attentions_0_proj_in.oft_blocks", "OFT"),
+    ("lora_unet_mid_block_attentions_0_proj_in.diff", "full weight differences"),
+    ("lora_unet_mid_block_attentions_0_proj_in.hada_w1_a", "LoHa modules missing"),
+    ("lora_unet_mid_block_attentions_0_proj_in.lokr_w1", "LoKr modules missing"),
+    ("lora_unet_mid_block_attentions_0_proj_in.dora_scale", "missing their down or up"),
     ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", "SDXL"),
 ])
 def test_unsupported_lora_types_are_named(tmp_path, key, what):
