@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-scales", default=None, metavar="S1,S2,...",
                    help="render the same seeds at each of these LoRA multipliers (each times the file's SCALE) and "
                         "write them side by side in one grid, e.g. 0,0.5,1 (default: off)")
+    p.add_argument("--merge", action="store_true",
+                   help="add each LoRA into the weights once, at its SCALE, before sampling: steps run at the base "
+                        "model's speed and the image is the one the live LoRAs give; not with --lora-scales "
+                        "(default: off, the LoRAs run live beside the frozen weights)")
     p.add_argument("--sampler", default="dpmpp_2m", metavar="NAME",
                    help=f"one of {', '.join(SAMPLERS)} (default: dpmpp_2m)")
     p.add_argument("--karras", action="store_true", help="Karras noise levels, dpmpp_2m only (default: off)")
@@ -166,6 +170,8 @@ def check_args(args: argparse.Namespace) -> tuple[int, int, list[LoraSpec], list
     scales = parse_scales(args.lora_scales) if args.lora_scales is not None else None
     if scales is not None and not loras:
         raise InputError("--lora-scales needs at least one --lora FILE")
+    if scales is not None and args.merge:
+        raise InputError("--merge fixes each LoRA's multiplier in the weights, --lora-scales varies it: give only one")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out}: exists and is not a folder")
     if args.device is not None:
@@ -195,10 +201,11 @@ def default_size(version: str, ckpt: Path) -> int:
     return 1024 if version == "sdxl" else 512
 
 
-def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int) -> tuple[int, int]:
+def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int, merge: bool = False) -> tuple[int, int]:
     """Read only the checkpoint's header, build its UNet and text encoder on the meta device, and check the image
     size against the model and each LoRA against the model (a LoRA for another base fails here), all before any
-    weight is read. Returns the image size (width, height), with the model's own for 0."""
+    weight is read; `merge`: as --merge will load them. Returns the image size (width, height), with the model's own
+    for 0."""
     import lora
     import sd
     from sd.load import build_meta  # the same architecture inference sd.load uses, on the header only
@@ -224,7 +231,8 @@ def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int) -> tup
         except (ValueError, OSError) as err:
             raise InputError(f"--lora {err}") from None
         try:
-            info = lora.load(spec.path, {"unet": unet, "text_encoder": text}, scale=spec.scale, name=spec.name)
+            info = lora.load(spec.path, {"unet": unet, "text_encoder": text}, scale=spec.scale, name=spec.name,
+                             merge=merge)
         except (ValueError, TypeError, OSError) as err:
             raise InputError(f"--lora {spec.path} does not fit {ckpt.name} ({version}): {err}") from None
         # Shapes fit; a file that names another base still deserves a word (an attn1-only LoRA fits SD1 and SD2).
@@ -253,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         width, height, loras, scales = check_args(args)
-        width, height = preflight(args.ckpt, loras, width, height)
+        width, height = preflight(args.ckpt, loras, width, height, merge=args.merge)
     except InputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
@@ -275,11 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     model = sd.load(args.ckpt, dtype=dtype, device=device, prediction_type=args.prediction_type)
     for spec in loras:
         try:
-            info = lora.load(spec.path, model, scale=spec.scale, name=spec.name)
+            info = lora.load(spec.path, model, scale=spec.scale, name=spec.name, merge=args.merge)
         except ValueError as err:
             parser.exit(2, f"{parser.prog}: error: --lora {spec.path}: {err}\n")
         if progress:
-            print(f"LoRA {spec.name}: {len(info.modules)} layers, multiplier {spec.scale:g}", file=sys.stderr)
+            print(f"LoRA {spec.name}: {len(info.modules)} layers, multiplier {spec.scale:g}"
+                  + (", merged into the weights" if args.merge else ""), file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
     index = next_index(args.out)

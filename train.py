@@ -229,8 +229,14 @@ def configure(argv: list[str] | None) -> tuple[TrainConfig, int]:
         except ValueError as err:
             raise ValueError(f"targets: {err}") from None
     if version == "sdxl" and cfg.mode == "lora" and cfg.train_text_encoder:
-        say("note: SDXL text-encoder LoRA: CLIP-L gets q, k, v, out, fc1, fc2; OpenCLIP bigG keeps q/k/v in one "
-            "packed tensor (in_proj_weight), so only its out_proj and MLP are adapted", file=sys.stderr)
+        if cfg.init in lora.packed.INITS and not cfg.lora_dropout:
+            say("note: SDXL text-encoder LoRA: both towers get q, k, v, out, fc1, fc2; OpenCLIP bigG's q/k/v are the "
+                "row thirds of its packed in_proj_weight (a PackedLoRA), saved as sd-scripts' q_proj/k_proj/v_proj",
+                file=sys.stderr)
+        else:
+            say(f"note: SDXL text-encoder LoRA: CLIP-L gets q, k, v, out, fc1, fc2; OpenCLIP bigG only out_proj and "
+                f"MLP: its q/k/v, one packed tensor (in_proj_weight), take LoRA with --init kaiming or gaussian and "
+                f"no --lora_dropout (here {cfg.init}, {cfg.lora_dropout:g})", file=sys.stderr)
     return cfg, start
 
 
@@ -277,7 +283,7 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
         alpha = cfg.alpha or None
         lora.inject(unet, cfg.rank, alpha, lora_targets(cfg), init=cfg.init, rs=cfg.rs, dropout=cfg.lora_dropout,
                     dtype=torch.float32)
-        if cfg.train_text_encoder:
+        if cfg.train_text_encoder:  # the preset includes OpenCLIP's packed q/k/v where they can take it (see note)
             lora.inject(model.text_encoder, cfg.rank, alpha, "attn-mlp", init=cfg.init, rs=cfg.rs,
                         dropout=cfg.lora_dropout, dtype=torch.float32)
         if master:

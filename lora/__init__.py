@@ -11,10 +11,11 @@ from .layer import LoRAConv, LoRALinear, wrap
 from .loha import LoHa
 from .lokr import LoKr, factorization
 from .names import diffusers_name, kohya_name, unet_to_diffusers
+from .packed import PackedLoRA
 
 __all__ = [
     "ADAPTERS", "ADAPTER_OPTIONS", "Adapter", "DoRAConv", "DoRALinear", "LoHa", "LoKr", "LoRAConv", "LoRALinear",
-    "LoadedLoRA", "PRESETS", "base_state_dict", "diffusers_name", "factorization", "freeze_base", "inject",
-    "kohya_name", "load", "lora_layers", "lora_parameters", "lora_state_dict", "merge", "merged_state_dict",
+    "LoadedLoRA", "PRESETS", "PackedLoRA", "base_state_dict", "diffusers_name", "factorization", "freeze_base",
+    "inject", "kohya_name", "load", "lora_layers", "lora_parameters", "lora_state_dict", "merge", "merged_state_dict",
     "named_lora_layers", "remove", "report", "save", "set_multiplier", "unet_to_diffusers", "unmerge", "wrap",
 ]

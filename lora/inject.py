@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dora, layer, loha, lokr
+from . import dora, layer, loha, lokr, packed
 from .base import Adapter
 
 # The adapter family: inject(adapter=...) -> the function that wraps one layer (each in its own file).
@@ -25,8 +25,10 @@ _ATTN_UNET = r".*\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)
 _MLP_UNET = r".*\.(proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))"
 _RES_UNET = (r"(input_blocks|middle_block|output_blocks)\.\d+\.(\d+\.)?"
              r"(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection|op|conv)")
-# CLIP-L (transformers names) and OpenCLIP (open_clip names; its q/k/v are one packed tensor, no module).
-_ATTN_TE = r"(.*\.)?(self_attn\.(q_proj|k_proj|v_proj|out_proj)|resblocks\.\d+\.attn\.out_proj)"
+# CLIP-L (transformers names) and OpenCLIP (open_clip names): its q/k/v are the thirds of one packed weight, adapted
+# by a PackedLoRA on the attention module itself (lora/packed.py; plain LoRA without dropout or PiSSA only: with
+# other settings a preset leaves them out), and its out_proj.
+_ATTN_TE = r"(.*\.)?(self_attn\.(q_proj|k_proj|v_proj|out_proj)|resblocks\.\d+\.attn(\.out_proj)?)"
 _MLP_TE = r"(.*\.)?(mlp\.(fc1|fc2)|resblocks\.\d+\.mlp\.(c_fc|c_proj))"
 
 PRESETS: dict[str, list[str]] = {
@@ -119,10 +121,17 @@ def inject(model_part: nn.Module, rank: int = 4, alpha: float | None = None,
                         f"{', '.join(ADAPTER_OPTIONS[adapter])}")
     patterns = _patterns(targets)
     chosen = [(p, m) for p, m in candidates(model_part) if any(pat.fullmatch(p) for pat in patterns)]
-    if not chosen:
+    chosen_packed = [(p, m) for p, m in packed.targets(model_part) if any(pat.fullmatch(p) for pat in patterns)]
+    if chosen_packed and (adapter != "lora" or dropout or init not in packed.INITS):
+        if not (isinstance(targets, str) and targets in PRESETS):
+            raise ValueError(f"{chosen_packed[0][0]} (packed q/k/v) takes plain LoRA with init "
+                             f"{' or '.join(packed.INITS)} and no dropout, not adapter={adapter!r}, init={init!r}, "
+                             f"dropout={dropout:g}; leave it out of targets")
+        chosen_packed = []
+    if not chosen and not chosen_packed:
         raise ValueError(f"no Linear/Conv2d module matches targets {targets!r}; "
                          f"first candidate paths: {[p for p, _ in list(candidates(model_part))[:8]]}")
-    injected = []
+    injected, new_layers = [], []
     for path, module in chosen:
         big_kernel = any(k > 1 for k in _kernel(module))
         r = conv_rank if big_kernel and conv_rank is not None else rank
@@ -137,9 +146,19 @@ def inject(model_part: nn.Module, rank: int = 4, alpha: float | None = None,
                                 **adapter_options)
         set_module(model_part, path, new)
         injected.append(path)
+        new_layers.append(new)
+    for path, attention in chosen_packed:
+        override = _first_match(path, rank_overrides)
+        r = int(override) if override is not None else rank
+        override = _first_match(path, alpha_overrides)
+        if r == 0:
+            continue
+        new_layers.append(packed.wrap(attention, r, override if override is not None else alpha, rs=rs, init=init,
+                                      name=name, dtype=dtype))
+        injected.append(path)
     freeze_base(model_part)
-    for path in injected:
-        for p in model_part.get_submodule(path).adapter_parameters():
+    for new in new_layers:
+        for p in new.adapter_parameters():
             p.requires_grad_(True)
     return injected
 
@@ -152,13 +171,15 @@ def freeze_base(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def lora_layers(model: nn.Module, name: str | None = None) -> list[Adapter]:
-    """Every adapter layer in `model` (stacked ones included), or only those of adapter `name`."""
-    return [m for m in model.modules() if isinstance(m, Adapter) and (name is None or m.name == name)]
+def lora_layers(model: nn.Module, name: str | None = None) -> list[Adapter | packed.PackedLoRA]:
+    """Every adapter layer in `model` (stacked ones and packed q/k/v ones included), or only those of adapter `name`."""
+    return [m for m in model.modules()
+            if isinstance(m, (Adapter, packed.PackedLoRA)) and (name is None or m.name == name)]
 
 
-def named_lora_layers(model: nn.Module, name: str | None = None) -> list[tuple[str, Adapter]]:
-    """(path, layer) where path is the wrapped module's own path; a stacked layer reports the same path."""
+def named_lora_layers(model: nn.Module, name: str | None = None) -> list[tuple[str, Adapter | packed.PackedLoRA]]:
+    """(path, layer) where path is the wrapped module's own path; a stacked layer reports the same path. A packed
+    q/k/v layer reports its attention's path ('...resblocks.N.attn')."""
     out = []
     for path, module in candidates(model):
         layer = module
@@ -166,7 +187,7 @@ def named_lora_layers(model: nn.Module, name: str | None = None) -> list[tuple[s
             if name is None or layer.name == name:
                 out.append((path, layer))
             layer = layer.base
-    return out
+    return out + packed.named_layers(model, name)
 
 
 def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
@@ -244,6 +265,7 @@ def remove(model: nn.Module, name: str | None = None, *, merge: bool = False) ->
             top = layer
         if top is not module:
             set_module(model, path, top)
+    removed += packed.remove(model, name, merge=merge)
     return sorted(set(removed))
 
 
@@ -283,7 +305,7 @@ def base_state_dict(model: nn.Module, *, merged: bool = False) -> dict[str, torc
                 if lay.pissa:  # W_res + s·B0·A0 = W0
                     w = w + lay.pissa_offset()
         out[f"{path}.weight"] = w.to(layer.weight.dtype)
-    return out
+    return packed.original_keys(model, out, merged=merged)  # packed q/k/v: attn.in_proj_weight under its own key
 
 
 def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from atomic import atomic_path
 
-from . import names
+from . import names, packed
 from .inject import candidates, freeze_base, named_lora_layers, set_module
 from .base import Adapter
 from .inject import ADAPTERS
@@ -170,6 +170,23 @@ def _diffusers_tensors(layer: Adapter, path: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _packed_tensors(layer: packed.PackedLoRA, part: str, path: str, format: str) -> dict[str, torch.Tensor]:
+    """A packed q/k/v layer as the three modules sd-scripts and diffusers name ('lora_te2_text_model_encoder_layers_N_
+    self_attn_q_proj', ...; 'text_encoder_2.text_model.encoder.layers.N.self_attn.q_proj' with alpha/r in B)."""
+    out = {}
+    hf_names = names.te_packed_to_hf(path)
+    for x, (down, up, alpha) in packed.file_factors(layer).items():
+        if format == "kohya":
+            key = names.KOHYA_PREFIX[part] + hf_names[x].replace(".", "_")
+            out.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                        f"{key}.alpha": torch.tensor(float(alpha))})
+        else:
+            key = names.DIFFUSERS_PREFIX[part] + hf_names[x]
+            out.update({f"{key}.lora_A.weight": down,
+                        f"{key}.lora_B.weight": (up.float() * (alpha / down.shape[0])).to(up.dtype)})
+    return out
+
+
 def lora_state_dict(model: Any, format: str = "kohya", *, name: str | None = None,
                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors save() writes, keyed as in the file."""
@@ -187,6 +204,9 @@ def lora_state_dict(model: Any, format: str = "kohya", *, name: str | None = Non
                 raise ValueError(f"{path} carries several LoRAs ({seen[path]!r}, {layer.name!r}); "
                                  f"pass name= to choose which one to save")
             seen[path] = layer.name
+            if isinstance(layer, packed.PackedLoRA):  # OpenCLIP's q/k/v thirds: q_proj, k_proj, v_proj in the file
+                out.update({k: cast(t) for k, t in _packed_tensors(layer, part, path, format).items()})
+                continue
             if format == "kohya":
                 key = namer(path, "kohya")
                 tensors = kohya_tensors(layer)
@@ -433,26 +453,30 @@ def _as_weight_shape(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t
 
 
-# SD2's OpenCLIP keeps q, k, v in one (3w, w) tensor; a LoRA for q_proj is a LoRA for one third of it.
+# OpenCLIP (SD2, SDXL's second text encoder) keeps q, k, v in one (3w, w) tensor; a LoRA for q_proj is a LoRA for
+# one third of it (lora/packed.py).
 _PACKED = re.compile(r"(.+)\.in_proj_weight\[([qkv])\]")
 
 
 def _packed_qkv(te: nn.Module) -> dict[str, str]:
     """{'text_model.encoder.layers.N.self_attn.q_proj': '<attn path>.in_proj_weight[q]', ...} for OpenCLIP."""
     out = {}
-    for path, module in te.named_modules():
-        m = re.fullmatch(r"(?:.*\.)?resblocks\.(\d+)\.attn", path)
-        if m and isinstance(getattr(module, "in_proj_weight", None), nn.Parameter):
-            for x in "qkv":
-                out[f"text_model.encoder.layers.{m.group(1)}.self_attn.{x}_proj"] = f"{path}.in_proj_weight[{x}]"
+    for path, _ in packed.targets(te):
+        try:
+            hf_names = names.te_packed_to_hf(path)
+        except ValueError:
+            continue  # a packed attention outside an OpenCLIP tower: nothing in a file names it
+        for x, hf in hf_names.items():
+            out[hf] = f"{path}.{packed.WEIGHT}[{x}]"
     return out
 
 
 def _target_weight(module: nn.Module, mpath: str) -> torch.Tensor:
-    """The weight a LoRA entry changes: a module's weight, or a view of a third of a packed q/k/v tensor."""
+    """The weight a LoRA entry changes: a module's weight, or a view of a third of a packed q/k/v tensor (the stored
+    one, W0, also when PackedLoRA layers are on it)."""
     m = _PACKED.fullmatch(mpath)
     if m:
-        w = module.get_submodule(m.group(1)).in_proj_weight
+        w = packed.base_weight(module.get_submodule(m.group(1)))
         n = w.shape[0] // 3
         i = "qkv".index(m.group(2))
         return w[i * n:(i + 1) * n]  # a view, so merging into it changes the packed tensor
@@ -655,9 +679,9 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
             if part == "unet":
                 kohya.setdefault(names.kohya_ldm_name(mpath), mpath)  # sd-scripts' LDM spelling (SDXL style)
         if part in names.TEXT_PARTS:
-            for hf, packed in _packed_qkv(module).items():
-                kohya[names.KOHYA_PREFIX[part] + hf.replace(".", "_")] = packed
-                diffusers[hf] = packed
+            for hf, third in _packed_qkv(module).items():
+                kohya[names.KOHYA_PREFIX[part] + hf.replace(".", "_")] = third
+                diffusers[hf] = third
         lookups[(part, "kohya")], lookups[(part, "diffusers")] = kohya, diffusers
 
     plan: list[tuple[str, str, FileEntry, Adapter | None]] = []  # (part, module path, entry, its layer if built)
@@ -682,9 +706,10 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
         except ValueError as err:
             problems.setdefault(str(err), []).append(fname)
             continue
-        if _PACKED.fullmatch(mpath) and not merge:
-            problems.setdefault("q/k/v of an OpenCLIP text encoder (SD2, SDXL's second) are one packed tensor "
-                                "(attn.in_proj_weight) with no layer to wrap: load with merge=True", []).append(fname)
+        if _PACKED.fullmatch(mpath) and not merge and (kind != "lora" or "lora_mid.weight" in entry.factors):
+            problems.setdefault("q/k/v of an OpenCLIP text encoder (SD2, SDXL's second) are one packed tensor: live, "
+                                "only plain LoRA (lora_down/lora_up) adapts them; load with merge=True",
+                                []).append(fname)
             continue
         if kind != "lora" or "lora_mid.weight" in entry.factors:
             # DoRA, LoHa, LoKr, Tucker LoCon: the layer is built now (nothing in the model changes yet) and checked.
@@ -729,6 +754,7 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
         raise ValueError(f"cannot load LoRA file {path}: no LoRA weights for this model in it")
 
     modules = []
+    thirds: dict[tuple[str, str], dict[str, tuple]] = {}  # (part, attention path) -> {slice: (down, up, alpha, rs)}
     for part, mpath, entry, layer in plan:
         module = parts[part]
         if layer is not None:
@@ -744,10 +770,14 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
             continue
         r = entry.down.shape[0]
         alpha, layer_rs = entry_alpha(entry, r, rs, peft)
-        if merge:
+        third = _PACKED.fullmatch(mpath)
+        if third and not merge:  # OpenCLIP's q/k/v: one PackedLoRA per attention, made below
+            thirds.setdefault((part, third.group(1)), {})[third.group(2)] = (entry.down, entry.up, alpha, layer_rs)
+        elif merge:
             weight = _target_weight(module, mpath)
             file_scale = alpha / (math.sqrt(r) if layer_rs else r)
-            delta = (entry.up.float().flatten(1) @ entry.down.float().flatten(1)).view(weight.shape)
+            up, down = (t.to(weight.device, torch.float32).flatten(1) for t in (entry.up, entry.down))
+            delta = (up @ down).view(weight.shape)  # on the weight's device (a GPU, or meta in sample.py's preflight)
             with torch.no_grad():
                 weight.copy_((weight.float() + (scale * file_scale) * delta).to(weight.dtype))
         else:
@@ -761,6 +791,14 @@ def load(path: str | os.PathLike, model: Any, scale: float = 1.0, *, merge: bool
             layer.lora_up.weight.requires_grad_(trainable)
             set_module(module, mpath, layer)
         modules.append(f"{part}:{mpath}" if len(parts) > 1 else mpath)
+    for (part, attention), slices in thirds.items():
+        rules = {rule for *_, rule in slices.values()}
+        if len(rules) > 1:  # thirds with different scaling rules: give each its own scale as alpha/r
+            slices = {x: (d, u, a * (math.sqrt(d.shape[0]) if rule else 1.0), False)
+                      for x, (d, u, a, rule) in slices.items()}
+            rules = {False}
+        packed.wrap_factors(parts[part].get_submodule(attention), {x: s[:3] for x, s in slices.items()},
+                            rs=rules.pop(), multiplier=scale, name=name, dtype=dtype, trainable=trainable)
     if trainable and not merge:
         for module in parts.values():
             freeze_base(module)  # as inject() leaves it: only LoRA factors train

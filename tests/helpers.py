@@ -28,7 +28,8 @@ def randomize_lora(model: nn.Module, seed: int = 1, std: float = 0.2) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora.lora_layers(model):
-            for p in (layer.lora_down.weight, layer.lora_up.weight):
+            packed = isinstance(layer, lora.PackedLoRA)  # OpenCLIP's q/k/v: an A and a B per third
+            for p in layer.adapter_parameters() if packed else (layer.lora_down.weight, layer.lora_up.weight):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 

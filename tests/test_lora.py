@@ -283,9 +283,9 @@ def test_text_encoder_targets():
     assert "transformer.text_model.encoder.layers.0.mlp.fc2" in paths
     open_clip = OpenClipTextEncoder(OpenClipConfig.tiny())
     paths = lora.inject(open_clip, rank=2, targets="attn-mlp")
-    # OpenCLIP packs q, k, v in one tensor: out_proj, c_fc, c_proj are the modules LoRA can wrap.
-    assert len(paths) == 3 * open_clip.config.layers
-    assert "model.transformer.resblocks.0.attn.out_proj" in paths
+    # OpenCLIP packs q, k, v in one tensor: the attention itself takes a packed q/k/v LoRA, beside out_proj and the MLP.
+    assert len(paths) == 4 * open_clip.config.layers
+    assert "model.transformer.resblocks.0.attn.out_proj" in paths and "model.transformer.resblocks.0.attn" in paths
 
 
 def test_stacked_adapters_and_multipliers():

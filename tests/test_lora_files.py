@@ -535,9 +535,9 @@ def test_save_needs_a_lora_and_one_per_module(tmp_path):
 
 # ------------------------------------------------------------------------ SD2's packed q/k/v text encoder
 
-def test_sd2_text_encoder_file_merges_into_packed_qkv(tmp_path):
-    """A kohya TE LoRA for SD2 names CLIPTextModel layers; q/k/v land in thirds of OpenCLIP's in_proj_weight.
-    Checked against diffusers: the same file on diffusers' own conversion of the same weights."""
+def test_sd2_text_encoder_file_on_packed_qkv_live_and_merged(tmp_path):
+    """A kohya TE LoRA for SD2 names CLIPTextModel layers; q/k/v land in thirds of OpenCLIP's in_proj_weight, live (a
+    PackedLoRA) or merged. Checked against diffusers: the same file on diffusers' own conversion of the same weights."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -567,10 +567,9 @@ def test_sd2_text_encoder_file_merges_into_packed_qkv(tmp_path):
     path = tmp_path / "sd2_te.safetensors"
     save_file(tensors, str(path))
 
-    before = {k: v.clone() for k, v in ours.state_dict().items()}
-    with pytest.raises(ValueError, match="merge=True"):
-        lora.load(path, {"text_encoder": ours})
-    assert_untouched(ours, before)
+    live = randomize(OpenClipTextEncoder(config), seed=2).eval()
+    info = lora.load(path, {"text_encoder": live}, scale=0.7)
+    assert len(info.modules) == 4 * layers and len(lora.lora_layers(live)) == 2 * layers  # out_proj + packed q/k/v
     lora.load(path, {"text_encoder": ours}, scale=0.7, merge=True)
     diffusers_load(ref, path, "te", part="te")
     from diffusers.utils.peft_utils import set_weights_and_activate_adapters
@@ -579,7 +578,9 @@ def test_sd2_text_encoder_file_merges_into_packed_qkv(tmp_path):
     with torch.no_grad():
         got = ours(tokens)
         want = ref(input_ids=tokens).last_hidden_state
+        got_live = live(tokens)
     close(got, want, 1e-4)
+    close(got_live, want, 1e-4)
 
 
 # -------------------------------------------------------------------------------- as a new user would

@@ -251,7 +251,7 @@ def _inject_random(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora.lora_layers(model.unet) + lora.lora_layers(model.text_encoder):
-            for p in (layer.lora_down.weight, layer.lora_up.weight):
+            for p in layer.adapter_parameters():  # A, B; a packed q/k/v layer (OpenCLIP bigG): an A and a B per third
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 

@@ -177,9 +177,20 @@ def test_text_encoder_lora_trains_on_both_towers(world, tmp_path):
         keys = set(f.keys())
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
     assert "lora_te2_text_model_encoder_layers_0_self_attn_out_proj.lora_up.weight" in keys
+    # bigG's packed q/k/v are adapted too, and written as sd-scripts' three modules.
+    for x in "qkv":
+        assert f"lora_te2_text_model_encoder_layers_0_self_attn_{x}_proj.lora_up.weight" in keys
     fresh = sd.load(world["ckpt"])
     lora.load(out / "lora_final.safetensors", fresh)
     assert lora.lora_layers(fresh.text_encoder.embedders[1]) and lora.lora_layers(fresh.unet)
+    qkv = [layer for layer in lora.lora_layers(fresh.text_encoder) if isinstance(layer, lora.PackedLoRA)]
+    assert len(qkv) == fresh.text_encoder.embedders[1].config.layers
+    assert all(layer.lora_up[x].abs().max() > 0 for layer in qkv[:1] for x in "qkv")  # B moved from its zero start
+    merged = sd.load(world["ckpt"])
+    lora.load(out / "lora_final.safetensors", merged, merge=True)
+    with torch.no_grad():
+        for got, want in zip(fresh.encode_text(["a red circle"]), merged.encode_text(["a red circle"])):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_caption_dropout_zeroes_sdxl_text_but_keeps_sizes(world, model):
