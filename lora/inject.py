@@ -110,6 +110,7 @@ def inject(model_part: nn.Module, rank: int = 4, alpha: float | None = None,
     regex with a 're:' prefix), e.g. ["*.attn2.to_k", "re:.*attn1\\.to_(q|v)"].
     rank_overrides / alpha_overrides: {pattern: value}; the first matching pattern wins; rank 0 skips a layer.
     conv_rank / conv_alpha: rank and alpha for convs with a kernel larger than 1x1 (default: rank, alpha).
+    OpenCLIP's attention ('...resblocks.N.attn', in the presets) gets a PackedLoRA on its packed q/k/v (lora/packed.py).
     alpha None (or 0) means alpha = rank. Every non-adapter parameter of `model_part` is frozen afterwards;
     the new adapter tensors train (earlier adapters keep their requires_grad).
     """
@@ -147,14 +148,14 @@ def inject(model_part: nn.Module, rank: int = 4, alpha: float | None = None,
         set_module(model_part, path, new)
         injected.append(path)
         new_layers.append(new)
-    for path, attention in chosen_packed:
+    for path, attention in chosen_packed:  # one PackedLoRA per attention, for its q, k and v thirds
         override = _first_match(path, rank_overrides)
         r = int(override) if override is not None else rank
-        override = _first_match(path, alpha_overrides)
         if r == 0:
             continue
-        new_layers.append(packed.wrap(attention, r, override if override is not None else alpha, rs=rs, init=init,
-                                      name=name, dtype=dtype))
+        override = _first_match(path, alpha_overrides)
+        a = override if override is not None else alpha
+        new_layers.append(packed.wrap(attention, r, a, rs=rs, init=init, name=name, dtype=dtype))
         injected.append(path)
     freeze_base(model_part)
     for new in new_layers:
