@@ -308,6 +308,12 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
     if cfg.resume:
         path = resolve(cfg.resume, out)
         state = load_state(path)
+        missing = sorted(set(trainable) - set(state["trainable"]))
+        extra = sorted(set(state["trainable"]) - set(trainable))
+        if missing or extra:  # e.g. a state saved by a version that adapted other layers
+            raise ValueError(f"resume: {path} holds other trainable tensors than this run trains ("
+                             f"{len(missing)} missing, e.g. {missing[:3]}; {len(extra)} not trained here, e.g. "
+                             f"{extra[:3]}); start a new run in another --out folder")
         with torch.no_grad():
             for n, p in trainable.items():
                 p.copy_(state["trainable"][n])

@@ -365,3 +365,14 @@ def test_every_entry_point_sets_the_wait_policy_before_torch_loads(module):
     out = subprocess.run([sys.executable, "-c", spy], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "policy: PASSIVE"
+
+
+def test_a_state_with_other_trainable_tensors_is_refused_in_one_line(world, tmp_path):
+    out = tmp_path / "s"
+    assert train.main(args(world, out, steps=2)) == 0
+    path = out / "state" / "step_0000002.pt"
+    state = torch.load(path, weights_only=True)
+    state["trainable"].pop(next(iter(state["trainable"])))
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="holds other trainable tensors than this run trains"):
+        train.main(["--resume", "latest", "--out", str(out), "--steps", "3"])
