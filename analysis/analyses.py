@@ -115,7 +115,7 @@ def spectrum(runs: Sequence[Run], fraction: float = 0.9, keep: int = 128, progre
         for d, (s,) in zip(deltas, svals):
             fro = float(s.norm())
             row = _layer(run, d)
-            row.update(r=d.rank if d.is_lora else "full", fro=fro, spectral=float(s[0]))
+            row.update(r=d.rank if d.is_lora else d.adapter, fro=fro, spectral=float(s[0]))
             if d.base is not None:
                 row["rel_fro"] = fro / max(float(d.base.double().norm()), 1e-300)
             row.update({"stable_rank": float(sp.stable_rank(s)), col: int(sp.energy_rank(s, fraction)),
@@ -191,12 +191,12 @@ def subspace(run1: Run, run2: Run, factor: str = "auto", rank: int | None = None
     """
     if factor not in FACTORS:
         raise ValueError(f"factor must be one of {FACTORS}, got {factor!r}")
-    both_lora = run1.kind == "lora" and run2.kind == "lora"
+    both_lora = all(d.is_lora for run in (run1, run2) for d in run.deltas.values())  # factors A, B to compare
     if factor == "auto":
         factor = "A" if both_lora else "dW"
     if factor in ("A", "B") and not both_lora:
-        raise ValueError(f"factor {factor!r} needs two LoRAs; {run1.label} is {run1.kind}, {run2.label} is "
-                         f"{run2.kind}: use factor='dW' (the update's own singular vectors)")
+        raise ValueError(f"factor {factor!r} needs two LoRAs (plain, factors B·A); {run1.label} is {run1.kind}, "
+                         f"{run2.label} is {run2.kind}: use factor='dW' (the update's own singular vectors)")
     layers = common_layers([run1, run2], strict=not common)
     bad = [f"{n}: {_shape(run1.deltas[n])} vs {_shape(run2.deltas[n])}" for n in layers
            if run1.deltas[n].shape != run2.deltas[n].shape]

@@ -120,8 +120,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--side", choices=["left", "right"], default="left", help="left (output) or right (input) vectors")
     q.add_argument("--common", action="store_true", help="count only layers every run changes")
 
-    q = sub.add_parser("extract", help="a LoRA of chosen rank from a full fine-tune, by truncated SVD")
-    q.add_argument("tuned", help="the fine-tuned checkpoint")
+    q = sub.add_parser("extract", help="a LoRA of chosen rank from a full fine-tune or any adapter file "
+                       "(DoRA, LoHa, LoKr, ...), by truncated SVD of ΔW")
+    q.add_argument("tuned", help="the fine-tuned checkpoint, or an adapter file (LoRA, DoRA, LoHa, LoKr)")
     q.add_argument("--base", required=True, help="the checkpoint it was fine-tuned from")
     q.add_argument("--rank", type=int, required=True, help="LoRA rank")
     q.add_argument("--conv-rank", type=int, default=None, help="rank for 3x3 convs (default: --rank)")
@@ -134,12 +135,14 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--no-plots", action="store_true")
     q.add_argument("--quiet", action="store_true")
 
-    q = sub.add_parser("resize", help="a LoRA at a lower rank, by SVD of each layer's scale·B·A")
-    q.add_argument("lora", help="the LoRA file")
+    q = sub.add_parser("resize", help="a LoRA at a lower rank, by SVD of each layer's ΔW (LoRA, LoHa, LoKr)")
+    q.add_argument("lora", help="the LoRA, LoHa or LoKr file (DoRA: use extract with --base)")
     q.add_argument("--rank", type=int, required=True, help="new (maximum) rank")
     q.add_argument("--energy", type=float, default=None,
                    help="per layer, only the rank holding this fraction of ||ΔW||² (at most --rank)")
     q.add_argument("--dtype", type=_dtype, default=None, help="fp16, bf16 or fp32 (default: the input's)")
+    q.add_argument("--base", default=None, help="read the file on this base checkpoint (needed for DoRA, and for "
+                   "LoHa/LoKr on 3x3 convs; the new file is then kohya-named); default: none, the file alone")
     q.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
     q.add_argument("--report", default=None, help="folder for the report (default: <out stem>_report next to it)")
     q.add_argument("--no-plots", action="store_true")
@@ -206,7 +209,8 @@ def run_command(args: argparse.Namespace, train_args: list[str]) -> Result:
         result = extract(args.tuned, args.base, args.rank, args.out, conv_rank=args.conv_rank, energy=args.energy,
                          targets=args.layers, dtype=args.dtype, progress=progress)
     elif args.command == "resize":
-        result = resize(args.lora, args.rank, args.out, energy=args.energy, dtype=args.dtype, progress=progress)
+        result = resize(args.lora, args.rank, args.out, energy=args.energy, dtype=args.dtype, base=args.base,
+                        progress=progress)
     elif args.command == "params":
         targets = args.targets if "," not in args.targets else [t.strip() for t in args.targets.split(",")]
         result = params(args.model, args.rank, targets, args.conv_rank, args.text_encoder, args.bytes)

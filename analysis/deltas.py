@@ -1,4 +1,8 @@
-"""Weight updates ΔW layer by layer: from a LoRA file (scale·B·A) or a full fine-tune (W_tuned − W_base).
+"""Weight updates ΔW layer by layer: from an adapter file or a full fine-tune (W_tuned − W_base).
+
+A plain LoRA keeps its factors (ΔW = scale·B·A, never formed); DoRA, LoHa, LoKr and Tucker LoRA files give a dense
+ΔW per layer, computed by the adapter's own layer from lora/ (update_weight: the formula that trains and merges it).
+For DoRA, ΔW is the merged weight minus W0 (the magnitude included), so it needs the base.
 
     base = load_base("v1-5-pruned-emaonly.safetensors")
     run = load_run("runs/r8/lora_final.safetensors", base)        # or a full fine-tune's checkpoint
@@ -26,6 +30,7 @@ import sd
 from lora import io as lora_io
 from lora.inject import PRESETS, candidates, named_lora_layers, remove
 from lora.io import load as load_lora
+from lora.layer import LoRAConv, LoRALinear
 from lora.names import DIFFUSERS_PREFIX
 from sd.load import text_state_dict_preparer
 from sd.model import TEXT_PREFIX, UNET_PREFIX
@@ -35,7 +40,8 @@ TE = "te:"
 
 @dataclass
 class Delta:
-    """One layer's update. A LoRA keeps its factors (ΔW = scale·up@down); a full fine-tune reads W_tuned on demand."""
+    """One layer's update. A LoRA keeps its factors (ΔW = scale·up@down); a full fine-tune reads W_tuned on demand;
+    another adapter (DoRA, LoHa, LoKr, Tucker LoRA) computes its dense ΔW on demand with its own layer."""
 
     name: str
     shape: tuple[int, ...]                        # the weight's shape: (out, in) or (out, in, kh, kw)
@@ -46,6 +52,8 @@ class Delta:
     base: torch.Tensor | None = None              # W0 (the base model's own tensor), when a base is known
     file_key: str | None = None                   # LoRA read without a base: the module name as the file spells it
     file_format: str | None = None                # ... and that file's layout: "kohya" or "diffusers"
+    update: Callable[[], torch.Tensor] | None = None  # other adapters: ΔW shaped like the weight (float32)
+    adapter: str = "lora"                         # "lora", "dora", "loha", "lokr", or "full" (a fine-tune)
 
     @property
     def is_lora(self) -> bool:
@@ -64,6 +72,8 @@ class Delta:
         """ΔW as an (out, in·kh·kw) float64 matrix."""
         if self.is_lora:
             return self.scale * (self.up.double() @ self.down.double())
+        if self.update is not None:
+            return self.update().double().flatten(1)
         if self.tuned is None or self.base is None:
             raise ValueError(f"{self.name}: no update to compute (neither LoRA factors nor a tuned weight)")
         return self.tuned().double().flatten(1) - self.base.double().flatten(1)
@@ -75,7 +85,7 @@ class Delta:
 
     def tuned_matrix(self) -> torch.Tensor:
         """W0 + ΔW as an (out, in·kh·kw) float64 matrix."""
-        if not self.is_lora and self.tuned is not None:
+        if not self.is_lora and self.update is None and self.tuned is not None:
             return self.tuned().double().flatten(1)
         return self.base_matrix() + self.matrix()
 
@@ -86,7 +96,7 @@ class Run:
 
     label: str
     path: str
-    kind: str                                     # "lora" or "full"
+    kind: str                                     # "full", "lora", or the adapters in it: "loha", "dora", ...
     deltas: dict[str, Delta]
     metadata: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # full fine-tunes: layers that did not change
@@ -244,7 +254,7 @@ def load_run(path: str | Path, base: Base | None = None, label: str | None = Non
         run = _full_run(path, base, label, targets, progress)
     elif base is None:
         deltas, metadata = read_lora_file(path)
-        run = Run(label, path, "lora", deltas, metadata)
+        run = Run(label, path, adapter_kind(deltas), deltas, metadata)
     else:
         run = _lora_on_base(path, base, label)
     keep = set(select(run.deltas, targets))
@@ -269,16 +279,26 @@ def load_runs(paths: list[str], base: str | None = None, labels: list[str] | Non
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, Delta], dict[str, str]]:
-    """A LoRA file's updates without a model: {module name as in the file: Delta}, and the file's metadata.
+    """An adapter file's updates without a model: {module name as in the file: Delta}, and the file's metadata.
 
-    Reads what lora.load reads (kohya, LoCon, diffusers/peft) with the same alpha rules.
+    Reads what lora.load reads (kohya, LoCon, LyCORIS LoHa/LoKr/Tucker, diffusers/peft) with the same alpha rules.
+    Plain LoRA layers keep their factors; LoHa, LoKr and Tucker LoRA layers are built by lora/ on a stand-in layer
+    of the shape their factors imply (a kxk conv without a core keeps its kernel flat: (out, in·kh·kw)). DoRA needs
+    the base weights (its ΔW depends on W0): load it with a base.
     """
     path = str(path)
     tensors, metadata = lora_io.read_tensors(path)
     entries, problems = lora_io.parse_entries(tensors)
-    for (_, module, _), entry in entries.items():
-        if entry.down is None or entry.up is None:
-            problems.setdefault("modules missing their down or up weight", []).append(module)
+    kinds = {}
+    for key, entry in entries.items():
+        try:
+            kinds[key] = lora_io.entry_kind(entry)
+        except ValueError as err:
+            problems.setdefault(str(err), []).append(key[1])
+            continue
+        if kinds[key] == "dora":
+            problems.setdefault("DoRA modules: W' = m·V/‖V‖ depends on W0, so pass the base checkpoint (--base)",
+                                []).append(key[1])
     if problems:
         raise ValueError(lora_io.describe_problems(path, problems, []).replace("cannot load", "cannot read"))
     if not entries:
@@ -287,20 +307,67 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, Delta], dict[str, str]]:
     peft = lora_io.peft_configs(metadata, path)
     deltas = {}
     for (part, module, fmt), entry in entries.items():
-        down, up = entry.down.float(), entry.up.float()
-        r = down.shape[0]
-        alpha, rs = lora_io.entry_alpha(entry, r, rs_file, peft)
+        kind = kinds[(part, module, fmt)]
         name = module if fmt == "kohya" else DIFFUSERS_PREFIX[part] + module
-        deltas[name] = Delta(name=name, shape=(up.shape[0], *down.shape[1:]), up=up.flatten(1), down=down.flatten(1),
-                             scale=alpha / (math.sqrt(r) if rs else r), file_key=name, file_format=fmt)
+        r = lora_io.entry_rank(kind, entry)
+        alpha, rs = lora_io.entry_alpha(entry, r, rs_file, peft)
+        if kind == "lora" and "lora_mid.weight" not in entry.factors:
+            down, up = entry.down.float(), entry.up.float()
+            deltas[name] = Delta(name=name, shape=(up.shape[0], *down.shape[1:]), up=up.flatten(1),
+                                 down=down.flatten(1), scale=alpha / (math.sqrt(r) if rs else r), file_key=name,
+                                 file_format=fmt)
+            continue
+        try:
+            layer = lora_io.build_layer(kind, _stand_in(kind, entry.factors), entry, r, alpha, rs=rs,
+                                        dtype=torch.float32)
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(f"{path}: {module} ({kind}): the factors do not fit each other: "
+                             f"{str(err).splitlines()[0]}") from None
+        deltas[name] = Delta(name=name, shape=tuple(layer.weight.shape), update=partial(layer.delta_weight, 1.0),
+                             adapter=kind, file_key=name, file_format=fmt)
     return deltas, metadata
+
+
+def _stand_in(kind: str, f: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An empty nn.Linear / nn.Conv2d of the weight shape an adapter's factors imply (its W0 is never read)."""
+    if kind == "loha":
+        if "hada_t1" in f:  # Tucker: W1a (r, out), W1b (r, in), core (r, r, kh, kw)
+            shape = (f["hada_w1_a"].shape[1], f["hada_w1_b"].shape[1], *f["hada_t1"].shape[2:])
+        else:
+            shape = (f["hada_w1_a"].shape[0], f["hada_w1_b"].shape[1])
+    elif kind == "lokr":
+        a, c = (f["lokr_w1"].shape if "lokr_w1" in f else (f["lokr_w1_a"].shape[0], f["lokr_w1_b"].shape[1]))
+        if "lokr_w2" in f:
+            b, d, *kernel = f["lokr_w2"].shape
+        elif "lokr_t2" in f:
+            b, d, kernel = f["lokr_w2_a"].shape[1], f["lokr_w2_b"].shape[1], list(f["lokr_t2"].shape[2:])
+        else:
+            b, d, kernel = f["lokr_w2_a"].shape[0], f["lokr_w2_b"].shape[1], []
+        shape = (a * b, c * d, *kernel)
+    else:  # LoRA with a Tucker core: down (r, in, 1, 1), lora_mid (r, r, kh, kw), up (out, r, 1, 1)
+        shape = (f["lora_up.weight"].shape[0], f["lora_down.weight"].shape[1], *f["lora_mid.weight"].shape[2:])
+    if len(shape) == 4:
+        layer = torch.nn.Conv2d(shape[1], shape[0], tuple(shape[2:]), bias=False, device="meta")
+    else:
+        layer = torch.nn.Linear(shape[1], shape[0], bias=False, device="meta")
+    layer.weight = torch.nn.Parameter(torch.zeros(shape), requires_grad=False)
+    return layer
+
+
+def adapter_kind(deltas: dict[str, Delta]) -> str:
+    """A run's kind from its layers: 'lora', 'loha', 'lokr', 'dora', or several joined by '+'."""
+    return "+".join(sorted({d.adapter for d in deltas.values()})) or "lora"
 
 
 _counter = iter(range(10**9))
 
 
 def _lora_on_base(path: str, base: Base, label: str) -> Run:
-    """Apply the file to the base through lora.load (all its checks), read the factors off, take it out again."""
+    """Apply the file to the base through lora.load (all its checks), read each layer's update off, take it out again.
+
+    Plain LoRA layers give their factors; DoRA, LoHa, LoKr, Tucker and packed q/k/v layers keep the layer itself
+    (taken out of the model, still on W0) to compute their dense ΔW with their own formula when asked.
+    """
     name = f"_analysis_{next(_counter)}"
     parts = {"unet": base.model.unet, "text_encoder": base.model.text_encoder}
     try:
@@ -312,14 +379,18 @@ def _lora_on_base(path: str, base: Base, label: str) -> Run:
         for part, prefix in (("unet", ""), ("text_encoder", TE)):
             for mpath, layer in named_lora_layers(parts[part], name):
                 n = prefix + mpath
-                deltas[n] = Delta(name=n, shape=tuple(layer.weight.shape),
-                                  up=layer.lora_up.weight.detach().float().flatten(1).clone(),
-                                  down=layer.lora_down.weight.detach().float().flatten(1).clone(),
-                                  scale=layer.multiplier * layer.scale, base=layer.weight.detach())
+                if type(layer) in (LoRALinear, LoRAConv) and getattr(layer, "lora_mid", None) is None:
+                    deltas[n] = Delta(name=n, shape=tuple(layer.weight.shape),
+                                      up=layer.lora_up.weight.detach().float().flatten(1).clone(),
+                                      down=layer.lora_down.weight.detach().float().flatten(1).clone(),
+                                      scale=layer.multiplier * layer.scale, base=layer.weight.detach())
+                else:
+                    deltas[n] = Delta(name=n, shape=tuple(layer.weight.shape), update=layer.delta_weight,
+                                      adapter=layer.kind, base=layer.weight.detach())
     finally:
         for module in parts.values():
             remove(module, name)
-    return Run(label, path, "lora", deltas, loaded.metadata)
+    return Run(label, path, adapter_kind(deltas), deltas, loaded.metadata)
 
 
 def _full_run(path: str, base: Base, label: str, targets: str | Sequence[str] | None, progress: bool) -> Run:
@@ -341,7 +412,8 @@ def _full_run(path: str, base: Base, label: str, targets: str | Sequence[str] | 
         elif tuple(ckpt.shapes[fkey].shape) != tuple(w0.shape):
             wrong.append(f"{key}: tuned {tuple(ckpt.shapes[fkey].shape)} vs base {tuple(w0.shape)}")
         else:
-            deltas[n] = Delta(name=n, shape=tuple(w0.shape), tuned=partial(ckpt.read, fkey, torch.float32), base=w0)
+            deltas[n] = Delta(name=n, shape=tuple(w0.shape), tuned=partial(ckpt.read, fkey, torch.float32), base=w0,
+                              adapter="full")
     if missing or wrong:
         lines = [f"{path} and the base {base.path} are not the same model architecture:"]
         for what, items in (("layers the tuned file lacks", missing), ("shape mismatches", wrong)):

@@ -1,4 +1,5 @@
-"""New LoRA files by truncated SVD: extract one from a full fine-tune (W_tuned − W_base), or cut a LoRA to a lower rank.
+"""New LoRA files by truncated SVD: extract one from a full fine-tune (W_tuned − W_base) or from any adapter's file
+(DoRA, LoHa, LoKr, Tucker LoRA: its dense ΔW, computed by lora/), or cut a LoRA (or LoHa/LoKr) file to a lower rank.
 
 The best rank-r approximation of ΔW in Frobenius norm keeps its top-r singular triplets (Eckart–Young), so
 B = U_r·sqrt(S_r), A = sqrt(S_r)·V_r^T and alpha = r (scale 1); the fraction of ||ΔW||_F² kept is
@@ -107,7 +108,11 @@ def _figures(name: str, rows: list[dict]) -> dict:
 def extract(tuned: str | os.PathLike, base: str | os.PathLike | Base, rank: int, out: str | os.PathLike, *,
             conv_rank: int | None = None, energy: float | None = None, targets: str | Sequence[str] | None = None,
             dtype: torch.dtype = torch.float16, progress: bool = True) -> Result:
-    """A rank-`rank` LoRA from a full fine-tune, written to `out` (kohya format); returns what it kept per layer.
+    """A rank-`rank` LoRA from a full fine-tune or an adapter file, written to `out` (kohya format), per layer the
+    best rank-r approximation of ΔW; returns what it kept per layer.
+
+    tuned: a full checkpoint (ΔW = W_tuned − W_base), or a LoRA/DoRA/LoHa/LoKr file (ΔW by the adapter's formula on
+    the base; for DoRA the merged weight minus W0, magnitude included).
 
     conv_rank: the rank for convs with kernels larger than 1x1 (default: rank). energy: a fraction such as 0.9
     to give each layer only the rank that holds that much of its ||ΔW||² (at most rank). targets: only
@@ -117,9 +122,6 @@ def extract(tuned: str | os.PathLike, base: str | os.PathLike | Base, rank: int,
         raise ValueError(f"rank and conv_rank must be >= 1, got {rank}, {conv_rank}")
     base = base if isinstance(base, Base) else load_base(base)
     run = load_run(tuned, base, targets=targets, progress=progress)
-    if run.kind != "full":
-        raise ValueError(f"{tuned} is a LoRA file: extract takes a full fine-tune's checkpoint; "
-                         "to lower a LoRA's rank use resize")
     deltas = list(run.deltas.values())
     top = max(rank, conv_rank or 0)
     svds = delta_svds(deltas, top=top, desc="extract: SVD", progress=progress)
@@ -165,16 +167,23 @@ def _file_dtype(path: str) -> torch.dtype:
 
 
 def resize(lora_file: str | os.PathLike, rank: int, out: str | os.PathLike, *, energy: float | None = None,
-           dtype: torch.dtype | None = None, progress: bool = True) -> Result:
-    """The same LoRA at rank <= `rank` (per layer: the best approximation of scale·B·A), written to `out`.
+           dtype: torch.dtype | None = None, base: str | os.PathLike | Base | None = None,
+           progress: bool = True) -> Result:
+    """The same update as a LoRA at rank <= `rank` (per layer: the best approximation of ΔW), written to `out`.
 
-    Keeps the file's module names and layout; alpha becomes the new rank (scale 1). energy: a fraction
+    lora_file: a LoRA, Tucker LoRA, LoHa or LoKr file (ΔW by the adapter's own formula; a LoHa/LoKr kxk conv
+    without a core keeps its kernel flat in the file, so its shape is known only from a base). base: read the file
+    on this base checkpoint, as extract() does (needed for DoRA, and for LoHa/LoKr on kxk convs; the new file is
+    kohya-named). Without a base, keeps the file's module names and layout; alpha becomes the new rank (scale 1). energy: a fraction
     such as 0.95 to cut each layer further, to the rank that holds that much of its ||ΔW||².
     dtype: of the new factors (default: the input file's).
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     lora_file = str(lora_file)
+    if base is not None:
+        return extract(lora_file, base, rank, out, energy=energy, dtype=dtype or _file_dtype(lora_file),
+                       progress=progress)
     deltas_by_name, metadata = read_lora_file(lora_file)
     deltas = list(deltas_by_name.values())
     svds = delta_svds(deltas, desc="resize: SVD", progress=progress)
@@ -192,6 +201,8 @@ def resize(lora_file: str | os.PathLike, rank: int, out: str | os.PathLike, *, e
         energies.append(fro ** 2)
     total = _summary(rows, energies)
     meta = {k: v for k, v in metadata.items() if k not in ("lora_adapter_metadata", "format")}
+    if meta.get("ss_network_module", "networks.lora") != "networks.lora":  # e.g. lycoris.kohya: now a plain LoRA
+        meta["ss_network_module"] = "networks.lora"
     meta.update({"ss_network_dim": str(rank), "ss_network_alpha": str(rank), "lora_scaling": "alpha/r",
                  "lora_resized_from": Path(lora_file).name, "lora_resize_energy_kept": f"{total['kept_energy']:.6f}"})
     if "ss_network_args" in meta:
@@ -201,4 +212,7 @@ def resize(lora_file: str | os.PathLike, rank: int, out: str | os.PathLike, *, e
     total.update(file=str(path), MB_before=before, MB=path.stat().st_size / 2**20)
     notes = [f"wrote {path}: {len(rows)} layers at rank <= {rank}, {total['kept_energy']:.2%} of ||ΔW||_F² kept "
              f"(relative Frobenius error {total['rel_error']:.3f})"]
+    if any(d.adapter in ("loha", "lokr") and len(d.shape) == 2 for d in deltas):
+        notes.append("LoHa/LoKr files keep a kxk conv's kernel flat: if this one adapts such convs, resize with "
+                     "--base so that their LoRA factors get the conv's shape")
     return Result("resize", rows, [total], {"file": str(path)}, _figures("resize", rows), notes)
