@@ -2,7 +2,10 @@
 
 An adapter (LoRA, DoRA, LoHa, LoKr: one file each) says what its update is, as a weight shaped like W0
 (`update_weight`); this base turns that into a forward, a merge that folds it into W0, and an exact unmerge.
-Adapters stack: the wrapped layer may itself be an adapter, and every one of them sees the same frozen W0.
+Adapters stack: the wrapped layer may itself be an adapter. Most updates do not depend on W0 and simply add up;
+DoRA's does, and it takes the weight of the layer it wraps as that layer computes it (W0 plus the updates below it,
+merged or live), as ComfyUI applies patches one after another. lora.merge / lora.unmerge on a model keep a stack's
+merges in that order (bottom first), so a merged stack computes what the live one does.
 """
 
 from __future__ import annotations
@@ -100,6 +103,22 @@ class Adapter(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """This layer's own tensors under their names, which are the LyCORIS/kohya file keys (without `.alpha`)."""
         return {n: p.detach() for n, p in self.named_parameters() if not n.startswith("base.")}
+
+    def live_below(self) -> torch.Tensor | float:
+        """The sum of the live (unmerged) updates of the adapters this one wraps, float32; 0.0 when there are none."""
+        total: torch.Tensor | float = 0.0
+        layer = self.base
+        while isinstance(layer, Adapter):
+            if not layer.merged and layer.multiplier != 0.0:
+                total = total + layer.delta_weight()
+            layer = layer.base
+        return total
+
+    def wrapped_weight(self) -> torch.Tensor:
+        """The weight of the layer this one wraps as it computes: W0 (with what is merged into it) plus the live
+        updates of the adapters below, float32, no gradient."""
+        with torch.no_grad():
+            return self.weight.float() + self.live_below()
 
     # -- the update as a weight -----------------------------------------------------------------------
     def update_weight(self) -> torch.Tensor:

@@ -8,6 +8,7 @@ wd_on_output=True). Older LyCORIS files norm each input channel instead (dora_sc
 reads those. As the paper suggests (section 4.3) and peft does, ‖V‖ is treated as a constant in the backward pass.
 
 The multiplier μ scales the whole change: W0 + μ·(W' − W0), so 0 is the base and 1 the adapter, as ComfyUI applies it.
+Stacked on other adapters, W0 is the weight of the layer DoRA wraps as that layer computes it (see lora/base.py).
 """
 
 from __future__ import annotations
@@ -37,29 +38,31 @@ class _DoRA:
         return v.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, *[1] * (v.ndim - 2))
 
     def direction(self) -> torch.Tensor:
-        """V = W0 + s·B·A in float32, differentiable in A and B."""
-        return self.weight.float() + self.lora_update().float()
+        """V = W0 + s·B·A in float32, differentiable in A and B (W0: the wrapped layer's weight, see lora/base.py)."""
+        return self.wrapped_weight() + self.lora_update().float()
 
     def update_weight(self) -> torch.Tensor:
         """W' − W0 = m · V / ‖V‖ − W0 (what multiplier 1 adds), float32."""
         v = self.direction()
-        return self.dora_scale.float() * v / self.column_norm(v).detach() - self.weight.float()
+        return self.dora_scale.float() * v / self.column_norm(v).detach() - self.wrapped_weight()
 
     def delta_weight(self, multiplier: float | None = None) -> torch.Tensor:
         return Adapter.delta_weight(self, multiplier)
 
-    # -- merging: W ← W0 + μ·(g⊙V − W0) with g = m/‖V‖; the inverse needs ‖V‖, which is kept from the merge
+    # -- merging: W ← W + μ·(g⊙V − W0) with W0 = W + L (L: live updates below), V = W0 + s·B·A, g = m/‖V‖;
+    # the inverse needs ‖V‖, which is kept from the merge.
     def merged_weight(self, w: torch.Tensor, multiplier: float) -> torch.Tensor:
         with torch.no_grad():
-            v = w + self.lora_update().float()
+            w0 = w + self.live_below()
+            v = w0 + self.lora_update().float()
             self.merged_norm = self.column_norm(v)
-            return w + multiplier * (self.dora_scale.float() * v / self.merged_norm - w)
+            return w + multiplier * (self.dora_scale.float() * v / self.merged_norm - w0)
 
     def unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
-        # w = W0·(1 − μ + μ·g) + μ·g·s·B·A, solved for W0.
+        # merged = W·(1 + μ·(g − 1)) + μ·(g − 1)·L + μ·g·s·B·A, solved for W.
         with torch.no_grad():
             mu, g = self.merged_multiplier, self.dora_scale.float() / self.merged_norm
-            return (w - mu * g * self.lora_update().float()) / (1 - mu + mu * g)
+            return (w - mu * (g - 1) * self.live_below() - mu * g * self.lora_update().float()) / (1 + mu * (g - 1))
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,10 +74,7 @@ class _DoRA:
             norm = self.column_norm(self.direction())
         channels = (-1, 1, 1) if self.is_conv else (-1,)  # where the output channels are in y
         g = (self.dora_scale.float() / norm).view(channels)
-        if self.base is not self.base_layer:  # a stack: y holds other adapters' updates too
-            w0x = self.op(x, self.weight)
-        else:
-            w0x = y if self.bias is None else y - self.bias.view(channels)
+        w0x = y if self.bias is None else y - self.bias.view(channels)  # the wrapped layer's W0·x, without its bias
         h = self.branch(self.inputs(x, self.lora_down.weight.dtype))
         return y + (self.multiplier * ((g - 1) * w0x + g * self.scale * h)).to(y.dtype)
 

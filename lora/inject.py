@@ -208,18 +208,6 @@ def set_multiplier(model: nn.Module, multiplier: float, name: str | None = None)
         layer.multiplier = float(multiplier)
 
 
-def merge(model: nn.Module, name: str | None = None) -> None:
-    """Fold every LoRA (or adapter `name`) into its base weight; the model then runs at base speed."""
-    for layer in lora_layers(model, name):
-        layer.merge()
-
-
-def unmerge(model: nn.Module, name: str | None = None) -> None:
-    """Take merged updates back out of the weights, the last merged first (DoRA's merge is not a plain sum)."""
-    for layer in sorted(lora_layers(model, name), key=lambda lay: -lay.merge_tick):
-        layer.unmerge()
-
-
 def _chain(module: nn.Module) -> tuple[list[Adapter], nn.Module]:
     """The adapters stacked at one path, top first, and the plain layer under them."""
     chain = []
@@ -227,6 +215,46 @@ def _chain(module: nn.Module) -> tuple[list[Adapter], nn.Module]:
         chain.append(module)
         module = module.base
     return chain, module
+
+
+@torch.no_grad()
+def _restack(chain: list[Adapter], merged: list[Adapter]) -> None:
+    """Leave exactly the layers `merged` of one stack merged, merged bottom first: a DoRA takes the weight of what it
+    wraps, so each merge must find the layers below it in the weight and none above. From the lowest layer whose
+    state changes, the merged ones are taken out (the last merged first) and the wanted ones merged upwards."""
+    order = list(reversed(chain))  # bottom first
+    want = [any(layer is m for m in merged) for layer in order]
+    first = next((i for i, layer in enumerate(order) if layer.merged != want[i]), None)
+    if first is None:
+        return
+    for layer in sorted((lay for lay in order[first:] if lay.merged), key=lambda lay: -lay.merge_tick):
+        layer.unmerge()
+    for layer, wanted in zip(order[first:], want[first:]):
+        if wanted:
+            layer.merge()
+
+
+def _stacks(model: nn.Module) -> list[list[Adapter]]:
+    return [_chain(module)[0] for _, module in candidates(model) if isinstance(module, Adapter)]
+
+
+def merge(model: nn.Module, name: str | None = None) -> None:
+    """Fold every adapter (or adapter `name`) into its base weight; the model then runs at base speed. In a stack
+    the layers merge bottom first, so that a merged stack computes what the live one does."""
+    for chain in _stacks(model):
+        _restack(chain, [lay for lay in chain if lay.merged or name is None or lay.name == name])
+    for layer in lora_layers(model, name):
+        if not isinstance(layer, Adapter):
+            layer.merge()  # packed q/k/v: plain additions
+
+
+def unmerge(model: nn.Module, name: str | None = None) -> None:
+    """Take merged updates back out of the weights (of every adapter, or of adapter `name`); exact, in any order."""
+    for chain in _stacks(model):
+        _restack(chain, [lay for lay in chain if lay.merged and name is not None and lay.name != name])
+    for layer in sorted(lora_layers(model, name), key=lambda lay: -lay.merge_tick):
+        if not isinstance(layer, Adapter):
+            layer.unmerge()
 
 
 def remove(model: nn.Module, name: str | None = None, *, merge: bool = False) -> list[str]:
@@ -243,21 +271,19 @@ def remove(model: nn.Module, name: str | None = None, *, merge: bool = False) ->
             continue
         survivors = [layer for layer in chain if all(layer is not g for g in going)]
         with torch.no_grad():
-            # Undo every merge into this weight, the last first, so each layer unmerges from what it merged into;
-            # the survivors' merges are made again afterwards.
-            merged = sorted((layer for layer in chain if layer.merged), key=lambda lay: -lay.merge_tick)
-            for layer in merged:
-                layer.unmerge()
-            for layer in going:
+            # Undo every merge into this weight (the last first, so each layer unmerges from what it merged into);
+            # with merge=True the leaving layers go into the weight, bottom first; the survivors' merges are redone.
+            was_merged = [layer for layer in chain if layer.merged]
+            _restack(chain, [])
+            for layer in reversed(going):
                 if merge:
                     layer.merge()
                 if layer.pissa:
                     w = bottom.weight
                     # merged: W_res + s·B·A becomes W0 + s·(B·A - B0·A0); unmerged: W_res back to W0.
                     w.copy_((w.float() + layer.pissa_offset()).to(w.dtype))
-            for layer in reversed(merged):
-                if any(layer is s for s in survivors):
-                    layer.merge()
+            kept = [lay for lay in was_merged if any(lay is s for s in survivors)]
+            _restack(chain, (going if merge else []) + kept)
         removed.append(path)
         # Rebuild the stack from the bottom with only the layers that stay.
         top = bottom
