@@ -1,7 +1,7 @@
 """The research toolkit: LoRA sweeps and the low-rank analyses of the LoRA literature, on top of sd, lora and train.
 
     python -m analysis <command> ...          # sweep, spectrum, subspace, amplification, intruders, extract,
-                                              # resize, params; `python -m analysis --help`, docs/analysis.md
+                                              # resize, params, compare; `python -m analysis --help`, docs/analysis.md
 
     import analysis
     base = analysis.load_base("base.safetensors")
@@ -16,11 +16,12 @@ import devices  # noqa: F401  first: it sets OpenMP's wait policy, which only co
 
 from .analyses import amplification, intruders, meta_model, params, spectrum, subspace
 from .cli import main
+from .compare import compare, match_budget
 from .deltas import Base, Delta, Run, load_base, load_run, load_runs, read_lora_file
 from .extract import extract, resize, write_lora
 from .results import Result
 from .sweep import SweepGrid, sweep, validation_loss
 
-__all__ = ["Base", "Delta", "Result", "Run", "SweepGrid", "amplification", "extract", "intruders", "load_base",
-           "load_run", "load_runs", "main", "meta_model", "params", "read_lora_file", "resize", "spectrum", "subspace",
+__all__ = ["Base", "Delta", "Result", "Run", "SweepGrid", "amplification", "compare", "extract", "intruders", "load_base",
+           "load_run", "load_runs", "main", "match_budget", "meta_model", "params", "read_lora_file", "resize", "spectrum", "subspace",
            "sweep", "validation_loss", "write_lora"]

@@ -25,6 +25,7 @@ from .analyses import amplification, intruders, params, spectrum, subspace
 from .deltas import load_runs
 from .extract import DTYPES, extract, resize
 from .results import Result
+from .compare import compare
 from .sweep import DEFAULT_TIMESTEPS, SweepGrid, sweep
 
 DEFAULT_OUT = Path("runs/analysis")  # runs/ holds every output; not analysis/, which is this package
@@ -178,6 +179,25 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--sample-steps", type=int, default=20, help="sampler steps for the sample grid")
     q.add_argument("--sample-cfg", type=float, default=5.0, help="guidance scale for the sample grid")
     q.add_argument("--no-plots", action="store_true")
+
+    q = sub.add_parser("compare", help="adapters (and full fine-tuning) at an equal trainable-parameter budget, over "
+                       "seeds: mean ± 95%% CI of the toy scores, held-out loss, ΔW rank and intruders",
+                       description="Options after -- go to train.py (e.g. -- --steps 100), as for sweep. The LoRA at "
+                                   "--rank sets the budget; each other adapter gets the rank (LoKr: and factor) "
+                                   "closest to it. Runs train into <out>/<adapter>_s<seed>/ and are reused.")
+    q.add_argument("--adapters", default="lora,dora,loha,lokr",
+                   help="comma-separated adapters: lora, dora, loha, lokr (default: all four)")
+    q.add_argument("--rank", type=int, default=4, help="the LoRA rank that sets the parameter budget (default 4)")
+    q.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
+    q.add_argument("--full", action="store_true", help="also full fine-tuning (train.py --mode full; not matched)")
+    q.add_argument("--tolerance", type=float, default=0.1,
+                   help="largest allowed difference from the LoRA budget, a fraction (default 0.1: ±10%%)")
+    q.add_argument("--epsilon", type=float, default=0.5, help="intruder threshold on |cos| (default 0.5)")
+    q.add_argument("--timesteps", type=_ints, default=list(DEFAULT_TIMESTEPS), help="timesteps of the validation loss")
+    q.add_argument("--val-images", default=None,
+                   help="held-out images with captions (default: new toy images with the built-in toy checkpoint)")
+    q.add_argument("--out", default="runs/compare", help="folder for the runs and the report (default runs/compare)")
+    q.add_argument("--no-plots", action="store_true")
     return p
 
 
@@ -214,6 +234,11 @@ def run_command(args: argparse.Namespace, train_args: list[str]) -> Result:
     elif args.command == "params":
         targets = args.targets if "," not in args.targets else [t.strip() for t in args.targets.split(",")]
         result = params(args.model, args.rank, targets, args.conv_rank, args.text_encoder, args.bytes)
+    elif args.command == "compare":
+        adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
+        result = compare(adapters, args.rank, args.seeds, train_args, args.out, full=args.full,
+                         tolerance=args.tolerance, epsilon=args.epsilon, timesteps=args.timesteps,
+                         val_images=args.val_images)
     else:
         rules = [r.strip() for r in args.rule.split(",") if r.strip()]
         grid = SweepGrid(ranks=args.rank, alphas=args.alpha, rules=rules, lrs=args.lr, seeds=args.seeds)
@@ -233,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, train_args = argv[:i], argv[i + 1:]
     args = parser().parse_args(argv)
-    if train_args and args.command != "sweep":
-        parser().error("options after -- are train.py options, only for sweep")
+    if train_args and args.command not in ("sweep", "compare"):
+        parser().error("options after -- are train.py options, only for sweep and compare")
     try:
         run_command(args, train_args)
     except (ValueError, FileNotFoundError) as err:

@@ -186,3 +186,21 @@ def matrix(path: Path, values: np.ndarray, row_labels: Sequence[str], col_labels
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label=label)
     _save(fig, path)
+
+
+def bars_ci(path: Path, panels: Sequence[tuple[Sequence[str], Sequence[float], Sequence[float], str, float | None]],
+            title: str) -> None:
+    """One panel per metric: a bar per group at its mean, with its confidence interval as an error bar, and an
+    optional dashed reference line (e.g. the base model's value). panels: (labels, means, half-widths, ylabel, ref)."""
+    fig = Figure(figsize=(3.2 * max(1, len(panels)), 3.6))
+    axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
+    for ax, (labels, means, halves, ylabel, ref) in zip(axes, panels):
+        x = np.arange(len(labels))
+        ax.bar(x, means, yerr=halves, capsize=4, color=_colours(len(labels))[: len(labels)])
+        if ref is not None:
+            ax.axhline(ref, color="grey", ls="--", lw=1, label="base")
+            ax.legend(fontsize=7)
+        ax.set_xticks(x, labels, rotation=30, fontsize=8)
+        ax.set_title(ylabel, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)

@@ -34,6 +34,7 @@ from sampling import generate, grid as image_grid, to_pil
 from . import plots
 from .deltas import TE, block_key, block_of
 from .results import Result
+from .stats import aggregate, pm
 
 RULES = {"r": False, "alpha/r": False, "sqrt": True, "alpha/sqrt(r)": True, "rs": True}
 DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
@@ -76,14 +77,29 @@ class SweepGrid:
         return out
 
 
-def _train_args(point: dict[str, Any], out: Path, cache: str) -> list[str]:
-    return [f"--out={out / point['name']}", f"--rank={point['rank']}", f"--alpha={point['alpha']}",
-            f"--rs={point['rs']}", f"--lr={point['lr']}", f"--seed={point['seed']}", f"--cache={cache}",
-            "--mode=lora"]
+def _train_args(point: dict[str, Any]) -> list[str]:
+    """A grid point's own train.py options."""
+    return [f"--rank={point['rank']}", f"--alpha={point['alpha']}", f"--rs={point['rs']}", f"--lr={point['lr']}",
+            f"--seed={point['seed']}", "--mode=lora"]
 
 
 def train_grid(grid: SweepGrid, train_args: Sequence[str], out: str | Path) -> tuple[list[dict[str, Any]], Any]:
     """Train every grid point not already trained in <out>/<name>/; return the points (with status) and the config."""
+    from training.config import parse_args
+
+    cfg = parse_args(list(train_args))
+    cfg.validate()
+    points = grid.points(cfg.seed, cfg.lr)
+    for point in points:
+        point["args"] = _train_args(point)
+    return train_points(points, train_args, out)
+
+
+def train_points(points: list[dict[str, Any]], train_args: Sequence[str], out: str | Path
+                 ) -> tuple[list[dict[str, Any]], Any]:
+    """Run train.py for every point ({"name", "args": its own train.py options}) into <out>/<name>/, all on the
+    same data and latent cache; a finished run with the same config is reused (status "reused"), another config
+    in the folder is an error. Each point gets "dir", "final" (its file), "command" and "status"."""
     import train
     from training.config import parse_args
 
@@ -95,14 +111,13 @@ def train_grid(grid: SweepGrid, train_args: Sequence[str], out: str | Path) -> t
     if not cfg.images:
         extra.append(f"--images={_toy_images(cfg, out)}")
     cache = cfg.cache or str(out / "cache")
-    points = grid.points(cfg.seed, cfg.lr)
     for i, point in enumerate(points):
-        argv = extra + _train_args(point, out, cache)
-        want = parse_args(argv).to_dict()
+        argv = extra + [f"--out={out / point['name']}", *point["args"], f"--cache={cache}"]
+        want = parse_args(argv)
         folder = out / point["name"]
-        final = folder / "lora_final.safetensors"
-        point["dir"] = str(folder)
-        point["command"] = "python train.py " + shlex.join(argv)
+        final = folder / ("lora_final.safetensors" if want.mode == "lora" else "model_final.safetensors")
+        want = want.to_dict()
+        point.update(dir=str(folder), final=str(final), command="python train.py " + shlex.join(argv))
         if final.is_file() and (folder / "config.yaml").is_file():
             have = json.loads((folder / "config.yaml").read_text())
             if have == want:
@@ -113,7 +128,7 @@ def train_grid(grid: SweepGrid, train_args: Sequence[str], out: str | Path) -> t
         for stale in ("log.jsonl", "scores.json"):  # an unfinished earlier attempt: drop its log and scores
             if (folder / stale).is_file():
                 (folder / stale).unlink()
-        print(f"\n=== sweep run {i + 1}/{len(points)}: {point['name']} ===", flush=True)
+        print(f"\n=== run {i + 1}/{len(points)}: {point['name']} ===", flush=True)
         rc = train.main(argv)
         point["status"] = "ok" if rc == 0 and final.is_file() else f"failed (exit {rc})"
     return points, cfg
@@ -302,6 +317,20 @@ def sweep(grid: SweepGrid, train_args: Sequence[str], out: str | Path, *, val_im
         figures["sweep_samples.png"] = draw_samples
     data = {"points": points, "timesteps": list(timesteps), "val_loss_per_timestep": per_t, "train_loss": curves,
             "train_args": list(train_args), "val_images": str(val_images), "prompts": list(prompts)}
+    seeds = sorted({r["seed"] for r in rows})
+    if len(seeds) > 1:  # several seeds: the table gives each configuration's mean ± 95% CI; the CSV gets both
+        metrics = ["final_train_loss", "val_loss", "val_vs_base", "dW_fro", *SCORES]
+        means = aggregate(rows, ["rank", "alpha_label", "rule", "scale", "lr"], metrics)
+        for m in means:
+            m.update(name=f"r{m['rank']}_a={m['alpha_label']}_{'sqrt' if 'sqrt' in m['rule'] else 'lin'}_lr{m['lr']:g}",
+                     seed=f"mean of {m['n']}", status="mean ± 95% CI")
+        summary = summary[:1] + [
+            {("alpha" if k == "alpha_label" else k): (pm(m[k], m.get(f"{k}_ci95", math.nan), 4) if k in metrics
+                                                       else m.get(k, "")) for k in main_cols} for m in means]
+        data["mean_ci"] = means
+        rows = rows + means
+        notes.append(f"mean ± 95% CI over seeds {seeds} (Student's t, n − 1 degrees of freedom) per configuration; "
+                     "the per-seed rows are in sweep.csv above the mean rows (seed 'mean of n', *_ci95 columns).")
     return Result("sweep", rows, summary, data, figures, notes)
 
 
