@@ -225,7 +225,8 @@ def configure(argv: list[str] | None) -> tuple[TrainConfig, int]:
     if cfg.mode == "lora":
         unet = parts[sd.model.UNET_PREFIX]
         try:
-            lora.inject(unet, cfg.rank, cfg.alpha or None, lora_targets(cfg), rs=cfg.rs, dtype=torch.float32)
+            lora.inject(unet, cfg.rank, cfg.alpha or None, lora_targets(cfg), rs=cfg.rs, dtype=torch.float32,
+                        **cfg.adapter_options())
         except ValueError as err:
             raise ValueError(f"targets: {err}") from None
     if version == "sdxl" and cfg.mode == "lora" and cfg.train_text_encoder:
@@ -282,10 +283,10 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
     if cfg.mode == "lora":
         alpha = cfg.alpha or None
         lora.inject(unet, cfg.rank, alpha, lora_targets(cfg), init=cfg.init, rs=cfg.rs, dropout=cfg.lora_dropout,
-                    dtype=torch.float32)
+                    dtype=torch.float32, **cfg.adapter_options())
         if cfg.train_text_encoder:  # the preset includes OpenCLIP's packed q/k/v where they can take it (see note)
             lora.inject(model.text_encoder, cfg.rank, alpha, "attn-mlp", init=cfg.init, rs=cfg.rs,
-                        dropout=cfg.lora_dropout, dtype=torch.float32)
+                        dropout=cfg.lora_dropout, dtype=torch.float32, **cfg.adapter_options())
         if master:
             say(lora.report(unet))
     else:

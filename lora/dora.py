@@ -32,7 +32,8 @@ class _DoRA:
         self.dora_scale = nn.Parameter(m.to(dtype or self.weight.dtype))
 
     def column_norm(self, v: torch.Tensor) -> torch.Tensor:
-        """‖v‖ per output channel, shaped (out, 1[, 1, 1]); with wd_on_output=False per input channel, (1, in[, 1, 1])."""
+        """‖v‖ per output channel, shaped (out, 1[, 1, 1]); with wd_on_output=False per input channel,
+        shaped (1, in[, 1, 1])."""
         if self.wd_on_output:
             return v.flatten(1).norm(dim=1).view(-1, *[1] * (v.ndim - 1))
         return v.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, *[1] * (v.ndim - 2))

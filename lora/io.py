@@ -1,5 +1,6 @@
 """Adapter files: write the kohya/LyCORIS layout (A1111, ComfyUI, Forge, sd-scripts) or diffusers/peft's, and read
-those: sd-scripts LoRA and LoCon, LyCORIS LoCon (with Tucker cores), DoRA, LoHa and LoKr, diffusers/peft LoRA and DoRA."""
+those: sd-scripts LoRA and LoCon, LyCORIS LoCon (with Tucker cores), DoRA, LoHa and LoKr, diffusers/peft LoRA and
+DoRA."""
 
 from __future__ import annotations
 
@@ -635,7 +636,8 @@ def build_layer(kind: str, module: nn.Module, entry: FileEntry, rank: int, alpha
     with torch.no_grad():
         shape = layer.update_weight().shape  # also checks that the factors fit each other
     if shape != layer.weight.shape:
-        raise ValueError(f"the factors make a weight of shape {tuple(shape)}, the layer has {tuple(layer.weight.shape)}")
+        raise ValueError(f"the factors make a weight of shape {tuple(shape)}, "
+                         f"the layer has {tuple(layer.weight.shape)}")
     return layer
 
 

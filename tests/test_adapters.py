@@ -239,7 +239,8 @@ def test_weights_and_forward_equal_lycoris_for_the_same_factors(kind, adapter, o
 
 # sd-scripts' classic targets (what our "all" preset covers): LyCORIS 4.1's "full" preset adds conv_in, conv_out and
 # the time embedding, and names the time embedding twice on a diffusers UNet.
-PRESET = {"enable_conv": True, "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
+PRESET = {"enable_conv": True,
+          "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
           "unet_target_name": [], "text_encoder_target_module": ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"],
           "text_encoder_target_name": []}
 # The same blocks in our (LDM-named) UNet, for SDXL: sd-scripts' SDXL LoRAs name modules by LDM path.
@@ -269,7 +270,8 @@ def lycoris(tmp_path):
 # LyCORIS --network_args as sd-scripts passes them (strings), for files the reference writes.
 ALGOS = {
     "locon": {"algo": "locon"}, "locon-tucker": {"algo": "locon", "use_tucker": "True"},
-    "dora": {"algo": "lora", "dora_wd": "True"}, "dora-tucker": {"algo": "lora", "dora_wd": "True", "use_tucker": "True"},
+    "dora": {"algo": "lora", "dora_wd": "True"},
+    "dora-tucker": {"algo": "lora", "dora_wd": "True", "use_tucker": "True"},
     "loha": {"algo": "loha"}, "loha-tucker": {"algo": "loha", "use_tucker": "True"},
     "lokr": {"algo": "lokr"}, "lokr-both-f4": {"algo": "lokr", "decompose_both": "True", "factor": "4"},
     "lokr-tucker": {"algo": "lokr", "use_tucker": "True"}, "lokr-full": {"algo": "lokr", "full_matrix": "True"},
@@ -506,7 +508,8 @@ def test_inject_options_report_and_trainable_tensors():
     assert trainable == {id(p) for p in lora.lora_parameters(model)}
     assert any(p is layers["dora"].dora_scale for p in lora.lora_parameters(model, "d"))
     text = lora.report(model)
-    counts = {kind: sum(p.numel() for p in lora.lora_parameters(model, n)) for kind, n in (("loha", "h"), ("dora", "d"))}
+    counts = {kind: sum(p.numel() for p in lora.lora_parameters(model, n))
+              for kind, n in (("loha", "h"), ("dora", "d"))}
     assert f"loha {counts['loha']:,}" in text and f"dora {counts['dora']:,}" in text
     assert len(paths) == len(lora.lora_layers(model, "h"))
 
@@ -597,3 +600,68 @@ def test_load_checks_shapes_and_works_on_meta(tmp_path, adapter):
     with pytest.raises(ValueError, match="shape mismatches"):
         lora.load(path, other)
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------- train.py --adapter
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny SD1 checkpoint, four captioned 32 px images and a latent cache shared by the runs below."""
+    from helpers import captioned_circles
+    from sd.checkpoint import write_state_dict
+    from sd.tiny import tiny_state_dict
+    root = tmp_path_factory.mktemp("adapters")
+    ckpt = write_state_dict(root / "tiny.safetensors", tiny_state_dict("sd1", seed=1))
+    captioned_circles(root / "images", [(220, 30, 30), (30, 30, 220)] * 2, ["a red circle", "a blue circle"] * 2)
+    return {"ckpt": str(ckpt), "images": str(root / "images"), "cache": str(root / "cache")}
+
+
+@pytest.mark.parametrize("adapter,options", [("dora", {"targets": "attn"}), ("loha", {"tucker": True}),
+                                             ("lokr", {"targets": "attn", "rank": 2, "lokr_decompose_both": True})])
+def test_train_py_trains_each_adapter_and_sample_py_opens_its_file(world, tmp_path, adapter, options):
+    import sample
+    import train
+    from helpers import train_argv
+    out = tmp_path / "run"
+    argv = train_argv(world, out, **{"steps": 2, "targets": "all", "adapter": adapter, **options})
+    assert train.main(argv) == 0
+    path = out / "lora_final.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    args = json.loads(meta["ss_network_args"])
+    assert meta["ss_network_module"] == "lycoris.kohya" and args["algo"] == {"dora": "lora"}.get(adapter, adapter)
+    assert json.loads(meta["ss_training_config"])["adapter"] == adapter
+    suffix = {"dora": ".dora_scale", "loha": ".hada_t1", "lokr": ".lokr_w1_a"}[adapter]
+    assert any(k.endswith(suffix) for k in keys)
+    assert sample.main(["--ckpt", world["ckpt"], "--prompt", "a red circle", "--lora", str(path), "--steps", "2",
+                        "--size", "32x32", "--batch", "1", "--out", str(tmp_path / "samples")]) == 0
+    assert list((tmp_path / "samples").glob("*.png"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"adapter": "boft"}, "adapter: 'boft' is not one of"),
+    ({"adapter": "dora", "init": "pissa"}, "pissa .* for --adapter lora"),
+    ({"adapter": "loha", "init": "gaussian"}, "starts as LyCORIS does"),
+    ({"adapter": "lokr", "lora_format": "diffusers"}, "no layout for --adapter lokr"),
+    ({"tucker": True, "lora_format": "diffusers"}, "no layout for --tucker"),
+    ({"adapter": "loha", "loraplus_ratio": 16}, "LoRA\\+ speeds up B"),
+    ({"adapter": "lokr", "lokr_factor": 0}, "lokr_factor must be -1 or a positive integer"),
+])
+def test_adapter_options_that_do_not_fit_fail_before_any_model_is_loaded(world, tmp_path, override, message,
+                                                                          monkeypatch):
+    import sd
+    import train
+    from helpers import train_argv
+    monkeypatch.setattr(sd, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=message):
+        train.main(train_argv(world, tmp_path / "bad", **override))
+
+
+def test_adapter_options_and_resume_rules():
+    from training.config import FIXED_ON_RESUME, TrainConfig
+    cfg = TrainConfig(adapter="lokr", lokr_factor=8, lokr_full_matrix=True, tucker=True)
+    assert cfg.adapter_options() == {"adapter": "lokr", "tucker": True, "factor": 8, "decompose_both": False,
+                                     "full_matrix": True}
+    assert TrainConfig(adapter="dora").adapter_options() == {"adapter": "dora", "tucker": False, "wd_on_output": True}
+    for name in ("adapter", "tucker", "dora_wd_on_output", "lokr_factor", "lokr_decompose_both", "lokr_full_matrix"):
+        assert name in FIXED_ON_RESUME  # they decide what is trained

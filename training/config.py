@@ -41,12 +41,26 @@ class TrainConfig:
 
     # --- what to train
     mode: str = opt("lora", "lora: train low-rank adapters; full: resume-train every UNet weight")
-    rank: int = opt(4, "LoRA rank r (the inner dimension of B·A)")
+    adapter: str = opt("lora", "the adapter (lora.inject's adapter=): lora (s·B·A), dora (Liu et al. 2024: magnitude "
+                               "m and direction W0 + s·B·A, m per output channel), loha (Hadamard product "
+                               "s·(B1·A1)⊙(B2·A2)), lokr (Kronecker product s·W1⊗W2); files in LyCORIS's layout")
+    rank: int = opt(4, "rank r: the inner size of B·A (lora, dora), of each of LoHa's two products, of LoKr's W2 "
+                       "(and W1 with lokr_decompose_both)")
     alpha: float = opt(0.0, "LoRA alpha; the update is scaled by alpha/r (or alpha/sqrt(r) with rs). 0 means alpha = rank")
     rs: bool = opt(False, "rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r")
     targets: str = opt("attn", "UNet layers to adapt: attn (q,k,v,out), attn-mlp (+proj_in/out, ff), all (+ResBlock convs), "
                                "or comma-separated glob patterns on module paths")
-    init: str = opt("kaiming", "LoRA init: kaiming (A uniform, B zero), gaussian (A ~ N(0, 1/r), B zero), pissa")
+    init: str = opt("kaiming", "LoRA init: kaiming (A uniform, B zero), gaussian (A ~ N(0, 1/r), B zero), pissa (lora "
+                               "only); loha and lokr start as LyCORIS does (one factor zero)")
+    tucker: bool = opt(False, "3x3 convs (targets all) keep their kernel in a small r×r×3×3 core between 1x1 factors: "
+                              "lora_mid (lora, dora), hada_t1/hada_t2 (loha), lokr_t2 (lokr); LyCORIS's use_tucker")
+    dora_wd_on_output: bool = opt(True, "dora: one magnitude per output channel (peft, LyCORIS); false: per input "
+                                        "channel, as older LyCORIS files")
+    lokr_factor: int = opt(-1, "lokr: split each dimension as (f, dim/f) for this f, or the nearest divisor below it "
+                               "(LyCORIS's factor); -1: as square as possible")
+    lokr_decompose_both: bool = opt(False, "lokr: W1 low rank too (lokr_w1_a·lokr_w1_b) when the rank is below half "
+                                           "its size")
+    lokr_full_matrix: bool = opt(False, "lokr: W1 and W2 full matrices whatever the rank (the scale is then 1)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA branch input")
     train_text_encoder: bool = opt(False, "also train a LoRA on the text encoder (q,k,v,out_proj,fc1,fc2)")
     lr_text_encoder: float = opt(0.0, "learning rate for the text-encoder LoRA; 0: same as lr")
@@ -117,7 +131,8 @@ class TrainConfig:
         """Cheap checks that must fail before any model is loaded. Fills in 'auto' values."""
         if self.resolution == 0:
             self.resolution = 32 if is_builtin_toy(self.ckpt) else 512
-        choices = {"mode": ("lora", "full"), "lr_schedule": ("constant", "linear", "cosine"),
+        choices = {"mode": ("lora", "full"), "adapter": ("lora", "dora", "loha", "lokr"),
+                   "lr_schedule": ("constant", "linear", "cosine"),
                    "optimizer": ("adamw", "adamw8bit"), "prediction_type": ("auto", "epsilon", "v_prediction"),
                    "precision": ("auto", "fp32", "bf16", "fp16"), "init": ("kaiming", "gaussian", "pissa"),
                    "lora_format": ("kohya", "diffusers"), "save_dtype": ("auto", "fp16", "bf16", "fp32")}
@@ -126,6 +141,7 @@ class TrainConfig:
                 raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if self.rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {self.rank}")
+        self.check_adapter()
         if self.resolution < 0 or self.resolution % 8:
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
         for key in ("steps", "batch_size", "grad_accum", "repeats"):
@@ -157,6 +173,33 @@ class TrainConfig:
             raise ValueError("state_every and state_every_minutes must be >= 0 (0: off)")
         if self.toy_prior_images < 0:
             raise ValueError(f"toy_prior_images must be >= 0, got {self.toy_prior_images}")
+
+    def check_adapter(self) -> None:
+        """The options that do not go with the chosen adapter."""
+        if self.init == "pissa" and self.adapter != "lora":
+            raise ValueError(f"init: pissa starts LoRA from W0's top singular vectors; it is for --adapter lora, "
+                             f"not {self.adapter}")
+        if self.init != "kaiming" and self.adapter in ("loha", "lokr"):
+            raise ValueError(f"init: {self.init} is a LoRA init; {self.adapter} starts as LyCORIS does (leave init "
+                             f"at kaiming)")
+        if self.lora_format == "diffusers" and (self.adapter in ("loha", "lokr") or self.tucker):
+            what = f"--adapter {self.adapter}" if self.adapter in ("loha", "lokr") else "--tucker"
+            raise ValueError(f"lora_format: diffusers/peft files have no layout for {what}; use kohya (LyCORIS's "
+                             f"layout, which A1111, ComfyUI, sd-scripts and LyCORIS read)")
+        if self.loraplus_ratio not in (0.0, 1.0) and self.adapter in ("loha", "lokr"):
+            raise ValueError(f"loraplus_ratio: LoRA+ speeds up B of B·A; {self.adapter} has no such factor")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ValueError(f"lokr_factor must be -1 or a positive integer, got {self.lokr_factor}")
+
+    def adapter_options(self) -> dict[str, Any]:
+        """lora.inject's adapter= and that adapter's own options (lora.ADAPTER_OPTIONS)."""
+        options: dict[str, Any] = {"tucker": self.tucker}
+        if self.adapter == "dora":
+            options["wd_on_output"] = self.dora_wd_on_output
+        if self.adapter == "lokr":
+            options.update(factor=self.lokr_factor, decompose_both=self.lokr_decompose_both,
+                           full_matrix=self.lokr_full_matrix)
+        return {"adapter": self.adapter, **options}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -271,7 +314,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 # base and the objective). Anything else (steps, lr, schedule, saving, device, precision) may change, and is printed.
 FIXED_ON_RESUME = ("mode", "ckpt", "rank", "alpha", "rs", "targets", "train_text_encoder", "lora_format", "images",
                    "cache", "prompt", "resolution", "bucket", "bucket_step", "flip", "repeats", "prediction_type",
-                   "class_prompt", "class_images", "num_class_images", "toy_concept", "toy_images", "toy_prior_images")
+                   "class_prompt", "class_images", "num_class_images", "toy_concept", "toy_images", "toy_prior_images",
+                   "adapter", "tucker", "dora_wd_on_output", "lokr_factor", "lokr_decompose_both", "lokr_full_matrix")
 # Where the run is and how to find its state: never compared.
 NOT_COMPARED = ("out", "resume")
 
