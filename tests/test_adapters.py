@@ -665,3 +665,25 @@ def test_adapter_options_and_resume_rules():
     assert TrainConfig(adapter="dora").adapter_options() == {"adapter": "dora", "tucker": False, "wd_on_output": True}
     for name in ("adapter", "tucker", "dora_wd_on_output", "lokr_factor", "lokr_decompose_both", "lokr_full_matrix"):
         assert name in FIXED_ON_RESUME  # they decide what is trained
+
+
+def test_non_lora_adapters_merge_into_packed_qkv_and_are_refused_live(tmp_path):
+    """A LoHa on OpenCLIP's k_proj (one third of the packed in_proj_weight): merge=True adds its ΔW to that third."""
+    from text import OpenClipConfig, OpenClipTextEncoder
+    te = randomize(OpenClipTextEncoder(OpenClipConfig.tiny())).eval()
+    w = te.config.width
+    g = torch.Generator().manual_seed(0)
+    key = "lora_te_text_model_encoder_layers_0_self_attn_k_proj"
+    factors = {n: torch.randn(shape, generator=g) for n, shape in
+               (("hada_w1_a", (w, 2)), ("hada_w1_b", (2, w)), ("hada_w2_a", (w, 2)), ("hada_w2_b", (2, w)))}
+    save_file({**{f"{key}.{n}": t for n, t in factors.items()}, f"{key}.alpha": torch.tensor(1.0)},
+              str(tmp_path / "te.safetensors"))
+    packed = te.get_submodule("model.transformer.resblocks.0.attn").in_proj_weight
+    before = packed.detach().clone()
+    with pytest.raises(ValueError, match="packed tensor"):
+        lora.load(tmp_path / "te.safetensors", {"text_encoder": te})
+    lora.load(tmp_path / "te.safetensors", {"text_encoder": te}, merge=True, scale=0.5)
+    delta = 0.5 * 0.5 * (factors["hada_w1_a"] @ factors["hada_w1_b"]) * (factors["hada_w2_a"] @ factors["hada_w2_b"])
+    after = packed.detach()
+    assert torch.equal(after[:w], before[:w]) and torch.equal(after[2 * w:], before[2 * w:])
+    torch.testing.assert_close(after[w:2 * w], before[w:2 * w] + delta, rtol=1e-5, atol=1e-5)
