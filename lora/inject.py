@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dora, layer, loha, lokr, packed
+from . import dora, loha, lokr, packed
 from .base import Adapter
+from .layer import wrap as wrap_lora
 
 # The adapter family: inject(adapter=...) -> the function that wraps one layer (each in its own file).
-ADAPTERS = {"lora": layer.wrap, "dora": dora.wrap, "loha": loha.wrap, "lokr": lokr.wrap}
+ADAPTERS = {"lora": wrap_lora, "dora": dora.wrap, "loha": loha.wrap, "lokr": lokr.wrap}
 # Each one's own options, besides rank, alpha, rs, dropout, init, name and dtype.
 ADAPTER_OPTIONS = {"lora": ("tucker",), "dora": ("tucker", "wd_on_output"), "loha": ("tucker",),
                    "lokr": ("factor", "decompose_both", "full_matrix", "tucker")}
