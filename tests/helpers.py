@@ -51,3 +51,20 @@ def train_argv(world: dict, out, **options) -> list[str]:
             "seed": 0}
     base.update(options)
     return [f"--{k}={v}" for k, v in base.items()]
+
+
+# Layers an adapter wraps: a Linear and the conv kinds SD has (1x1, 3x3, 3x3 with stride 2), 24 -> 40 channels.
+BASES = {
+    "linear": lambda: nn.Linear(24, 40),
+    "conv1x1": lambda: nn.Conv2d(24, 40, 1),
+    "conv3x3": lambda: nn.Conv2d(24, 40, 3, padding=1),
+    "conv3x3s2": lambda: nn.Conv2d(24, 40, 3, stride=2, padding=1),
+}
+
+
+def base_input(base: nn.Module, conv_batch: int = 3) -> torch.Tensor:
+    """A seeded input for one of BASES: [3, 5, 24] tokens for a Linear, [conv_batch, 24, 9, 9] for a conv."""
+    g = torch.Generator().manual_seed(7)
+    if isinstance(base, nn.Linear):
+        return torch.randn(3, 5, 24, generator=g)
+    return torch.randn(conv_batch, 24, 9, 9, generator=g)

@@ -21,7 +21,7 @@ from torch import nn
 import lora
 from unet import UNetConfig, UNetModel
 
-from helpers import RICH, randomize
+from helpers import BASES, RICH, base_input, randomize
 from test_lora_files import diffusers_load, diffusers_unet, inputs, unet
 
 SD1 = UNetConfig.tiny_sd1()
@@ -54,17 +54,6 @@ CONFIGS = [
 ]
 IDS = [a + "".join(f"-{k}={v}" for k, v in o.items()) for a, o in CONFIGS]
 
-BASES = {
-    "linear": lambda: nn.Linear(24, 40),
-    "conv1x1": lambda: nn.Conv2d(24, 40, 1),
-    "conv3x3": lambda: nn.Conv2d(24, 40, 3, padding=1),
-    "conv3x3s2": lambda: nn.Conv2d(24, 40, 3, stride=2, padding=1),
-}
-
-
-def base_input(base: nn.Module) -> torch.Tensor:
-    g = torch.Generator().manual_seed(7)
-    return torch.randn(3, 5, 24, generator=g) if isinstance(base, nn.Linear) else torch.randn(2, 24, 9, 9, generator=g)
 
 
 def apply_weight(base: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -123,7 +112,7 @@ def paper_delta(layer: lora.Adapter, w0: torch.Tensor) -> torch.Tensor:
 def test_forward_is_the_papers_update_and_merge_is_exact(kind, adapter, options):
     torch.manual_seed(0)
     base = BASES[kind]()
-    x = base_input(base)
+    x = base_input(base, conv_batch=2)
     w0 = base.weight.detach().clone()
     with torch.no_grad():
         want0 = base(x).clone()
@@ -217,7 +206,7 @@ def test_weights_and_forward_equal_lycoris_for_the_same_factors(kind, adapter, o
     forward is its forward."""
     torch.manual_seed(0)
     base = BASES[kind]()
-    x = base_input(base)
+    x = base_input(base, conv_batch=2)
     w0 = base.weight.detach().clone()
     layer = lora.ADAPTERS[adapter](base, 3, 2.0, **options)
     perturb(layer, seed=4)

@@ -15,7 +15,7 @@ from lora.names import kohya_name, unet_to_diffusers
 from text import ClipLConfig, ClipLTextEncoder, OpenClipConfig, OpenClipTextEncoder
 from unet import UNetConfig, UNetModel
 
-from helpers import RICH, randomize, randomize_lora
+from helpers import BASES, RICH, base_input, randomize, randomize_lora
 
 
 def unet_inputs(cfg: UNetConfig, seed: int = 1):
@@ -28,17 +28,6 @@ def tiny_unet(cfg: UNetConfig = UNetConfig.tiny_sd1(), seed: int = 0) -> UNetMod
     return randomize(UNetModel(cfg), seed).eval()
 
 
-BASES = {
-    "linear": lambda: nn.Linear(24, 40),
-    "conv1x1": lambda: nn.Conv2d(24, 40, 1),
-    "conv3x3": lambda: nn.Conv2d(24, 40, 3, padding=1),
-    "conv3x3s2": lambda: nn.Conv2d(24, 40, 3, stride=2, padding=1),
-}
-
-
-def base_input(base: nn.Module) -> torch.Tensor:
-    g = torch.Generator().manual_seed(7)
-    return torch.randn(3, 5, 24, generator=g) if isinstance(base, nn.Linear) else torch.randn(3, 24, 9, 9, generator=g)
 
 
 # ---------------------------------------------------------------------------------------------- the layer
