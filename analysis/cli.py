@@ -190,6 +190,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--rank", type=int, default=4, help="the LoRA rank that sets the parameter budget (default 4)")
     q.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     q.add_argument("--full", action="store_true", help="also full fine-tuning (train.py --mode full; not matched)")
+    q.add_argument("--full-lr", type=float, default=1e-4,
+                   help="learning rate of the --full run (default 1e-4: a full fine-tune at the adapters' 1e-3 "
+                        "overwrites the base, as LoRA papers' full baselines use a 10x smaller rate)")
     q.add_argument("--tolerance", type=float, default=0.1,
                    help="largest allowed difference from the LoRA budget, a fraction (default 0.1: ±10%%)")
     q.add_argument("--epsilon", type=float, default=0.5, help="intruder threshold on |cos| (default 0.5)")
@@ -237,7 +240,8 @@ def run_command(args: argparse.Namespace, train_args: list[str]) -> Result:
     elif args.command == "compare":
         adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
         result = compare(adapters, args.rank, args.seeds, train_args, args.out, full=args.full,
-                         tolerance=args.tolerance, epsilon=args.epsilon, timesteps=args.timesteps,
+                         full_lr=args.full_lr, tolerance=args.tolerance, epsilon=args.epsilon,
+                         timesteps=args.timesteps,
                          val_images=args.val_images)
     else:
         rules = [r.strip() for r in args.rule.split(",") if r.strip()]

@@ -83,13 +83,13 @@ def match_budget(unet: torch.nn.Module, adapters: Sequence[str], rank: int, targ
 
 def setting_label(s: dict[str, Any]) -> str:
     if s["adapter"] == "full":
-        return "full fine-tune"
+        return "full fine-tune" + "".join(f" {k}={v:g}" for k, v in s["options"].items())
     return f"r={s['rank']}" + "".join(f" {k}={v}" for k, v in s["options"].items())
 
 
-def _point_args(s: dict[str, Any], seed: int) -> list[str]:
+def _point_args(s: dict[str, Any], seed: int, full_lr: float = 1e-4) -> list[str]:
     if s["adapter"] == "full":
-        return ["--mode=full", f"--seed={seed}"]
+        return ["--mode=full", f"--lr={full_lr:g}", f"--seed={seed}"]
     args = ["--mode=lora", f"--adapter={s['adapter']}", f"--rank={s['rank']}", f"--seed={seed}"]
     if "factor" in s["options"]:
         args.append(f"--lokr_factor={s['options']['factor']}")
@@ -117,7 +117,7 @@ def measure_run(path: str, base, model, batches, timesteps, seed: int, epsilon: 
 
 
 def compare(adapters: Sequence[str], rank: int, seeds: Sequence[int], train_args: Sequence[str], out: str | Path, *,
-            full: bool = False, tolerance: float = 0.1, epsilon: float = 0.5,
+            full: bool = False, full_lr: float = 1e-4, tolerance: float = 0.1, epsilon: float = 0.5,
             timesteps: Sequence[int] = DEFAULT_TIMESTEPS, val_images: str | Path | None = None) -> Result:
     """Match the budgets, train adapter × seed with train.py (finished runs reused), measure, and aggregate."""
     from training.config import parse_args
@@ -128,12 +128,14 @@ def compare(adapters: Sequence[str], rank: int, seeds: Sequence[int], train_args
     base = load_base(cfg.ckpt, text_encoder=False, dtype=torch.float32)
     from train import lora_targets
     settings = match_budget(base.model.unet, adapters, rank, lora_targets(cfg), tolerance, full)
+    if full:
+        settings[-1]["options"] = {"lr": full_lr}
     budget = settings[0]["params"] / (1 + settings[0]["params_vs_lora"])
     print("equal budget (LoRA r=%d on %s: %d trainable parameters):" % (rank, cfg.targets, round(budget)))
     for s in settings:
         print(f"  {s['adapter']:6s} {setting_label(s):22s} {s['params']:>9d} parameters ({s['params_vs_lora']:+.1%})")
     points = [{"name": f"{s['adapter']}_s{seed}", "adapter": s["adapter"], "seed": int(seed),
-               "args": _point_args(s, seed), "setting": s} for s in settings for seed in seeds]
+               "args": _point_args(s, seed, full_lr), "setting": s} for s in settings for seed in seeds]
     points, cfg = train_points(points, train_args, out)
     val_images = val_images or _toy_val_images(cfg, out)
     model = sd.load(cfg.ckpt, dtype=torch.float32)

@@ -101,3 +101,12 @@ def test_sweep_with_seeds_reports_mean_and_ci_rows(world):
     assert mean[0]["val_loss"] == pytest.approx(sum(vals) / 2)
     assert mean[0]["val_loss_ci95"] == pytest.approx(12.7062 * abs(vals[0] - vals[1]) / 2)
     assert len(result.summary) == 2 and "±" in result.summary[1]["val_loss"]
+
+
+def test_the_full_fine_tune_runs_at_its_own_learning_rate():
+    from analysis.compare import _point_args, setting_label
+    full = {"adapter": "full", "rank": None, "options": {"lr": 1e-4}, "params": 10, "params_vs_lora": 9.0}
+    assert _point_args(full, 2, 1e-4) == ["--mode=full", "--lr=0.0001", "--seed=2"]
+    assert setting_label(full) == "full fine-tune lr=0.0001"
+    lora = {"adapter": "lora", "rank": 4, "options": {}, "params": 1, "params_vs_lora": 0.0}
+    assert "--lr" not in " ".join(_point_args(lora, 2, 1e-4))  # the adapters keep train.py's lr
