@@ -31,7 +31,49 @@ def autocast_enabled(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-class Adapter(nn.Module):
+class Mergeable:
+    """Folding an update into the stored weight and taking it back out: what Adapter and lora.packed's PackedLoRA
+    share. The class has `weight` (the stored W0), `multiplier` and `update_weight()` (s·ΔW shaped like W0)."""
+
+    def reset_merge_state(self) -> None:
+        self.merged = False
+        self.merged_multiplier = 0.0  # the multiplier at merge time, so unmerge removes exactly what was added
+        self.merge_tick = -1
+
+    def delta_weight(self, multiplier: float | None = None) -> torch.Tensor:
+        """What this layer adds to the weight it wraps at `multiplier` (default: its own), float32, no gradient."""
+        m = self.multiplier if multiplier is None else multiplier
+        with torch.no_grad():
+            return m * self.update_weight().float()
+
+    def merged_weight(self, w: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """The weight after merging into `w` (float32) at `multiplier`: w + multiplier·s·ΔW."""
+        return w + self.delta_weight(multiplier)
+
+    def unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The inverse of merged_weight, for the merge this layer made (float32)."""
+        return w - self.delta_weight(self.merged_multiplier)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into W0 so the layer runs at base speed; exact up to float rounding."""
+        if self.merged:
+            return
+        w = self.weight
+        w.copy_(self.merged_weight(w.float(), self.multiplier).to(w.dtype))
+        self.merged, self.merged_multiplier, self.merge_tick = True, self.multiplier, next(_merge_clock)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of W0 (the one merge() added, whatever the multiplier is now)."""
+        if not self.merged:
+            return
+        w = self.weight
+        w.copy_(self.unmerged_weight(w.float()).to(w.dtype))
+        self.merged, self.merged_multiplier, self.merge_tick = False, 0.0, -1
+
+
+class Adapter(Mergeable, nn.Module):
     """A frozen nn.Linear / nn.Conv2d (or a stack of adapters on one) plus an update s·ΔW, s = alpha/r.
 
     y = base(x) + multiplier · op(x, s·ΔW), op being the layer's own linear map or convolution. Subclasses
@@ -54,9 +96,7 @@ class Adapter(nn.Module):
         self.multiplier = float(multiplier)
         self.name = name
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self.merged_multiplier = 0.0  # the multiplier at merge time, so unmerge removes exactly what was added
-        self.merge_tick = -1
+        self.reset_merge_state()
         self.pissa = False
         layer = self.base_layer
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
@@ -125,45 +165,12 @@ class Adapter(nn.Module):
         """s·ΔW shaped like W0, in the factors' dtype, differentiable in the factors."""
         raise NotImplementedError
 
-    def delta_weight(self, multiplier: float | None = None) -> torch.Tensor:
-        """What this layer adds to the weight it wraps at `multiplier` (default: its own), float32, no gradient."""
-        m = self.multiplier if multiplier is None else multiplier
-        with torch.no_grad():
-            return m * self.update_weight().float()
-
     def op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x through the wrapped layer's map with another weight and no bias (same stride, padding, dilation)."""
         layer = self.base_layer
         if isinstance(layer, nn.Conv2d):
             return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation)
         return F.linear(x, weight)
-
-    # -- merging -------------------------------------------------------------------------------------
-    def merged_weight(self, w: torch.Tensor, multiplier: float) -> torch.Tensor:
-        """The weight after merging into `w` (float32) at `multiplier`: w + multiplier·s·ΔW."""
-        return w + self.delta_weight(multiplier)
-
-    def unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """The inverse of merged_weight, for the merge this layer made (float32)."""
-        return w - self.delta_weight(self.merged_multiplier)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into W0 so the layer runs at base speed; exact up to float rounding."""
-        if self.merged:
-            return
-        w = self.weight
-        w.copy_(self.merged_weight(w.float(), self.multiplier).to(w.dtype))
-        self.merged, self.merged_multiplier, self.merge_tick = True, self.multiplier, next(_merge_clock)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take the update back out of W0 (the one merge() added, whatever the multiplier is now)."""
-        if not self.merged:
-            return
-        w = self.weight
-        w.copy_(self.unmerged_weight(w.float()).to(w.dtype))
-        self.merged, self.merged_multiplier, self.merge_tick = False, 0.0, -1
 
     # -- forward ---------------------------------------------------------------------------------------
     def inputs(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

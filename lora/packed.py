@@ -20,7 +20,6 @@ The update is applied as a weight, so there is no branch input for dropout, and 
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator, Mapping
 
@@ -28,12 +27,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .base import Mergeable
+
 WEIGHT = "in_proj_weight"
 SLICES = ("q", "k", "v")  # the order of the row thirds, as nn.MultiheadAttention and OpenCLIP pack them
 INITS = ("kaiming", "gaussian")
-
-_merge_clock = itertools.count()  # merge order, as the other adapters keep it (packed updates add, so any order undoes)
-
 
 def is_packed(module: nn.Module) -> bool:
     """An attention whose q, k, v projections are the row thirds of one square-stacked `in_proj_weight` (3w, w)."""
@@ -70,7 +68,7 @@ def named_layers(model: nn.Module, name: str | None = None) -> list[tuple[str, P
             if name is None or layer.name == name]
 
 
-class PackedLoRA(nn.Module):
+class PackedLoRA(Mergeable, nn.Module):
     """W0 -> W0 + multiplier · cat(s_x·B_x·A_x for x in q, k, v): a LoRA for each third of a packed q/k/v weight.
 
     ranks, alphas: per slice, e.g. {"q": 4, "k": 4, "v": 4}; a slice left out is not adapted. alpha None (or 0, as
@@ -98,9 +96,7 @@ class PackedLoRA(nn.Module):
         self.rs = bool(rs)
         self.multiplier = float(multiplier)
         self.name = name
-        self.merged = False
-        self.merged_multiplier = 0.0  # the multiplier at merge time, so unmerge removes exactly what was added
-        self.merge_tick = -1
+        self.reset_merge_state()
         self.pissa = False
         # A plain reference, not a submodule: the attention owns this layer (in its parametrizations), and merging
         # writes into the attention's stored W0.
@@ -147,12 +143,6 @@ class PackedLoRA(nn.Module):
                 else self.lora_up[self.slices[0]].new_zeros(self.rows, self.width) for x in SLICES]
         return torch.cat(rows)
 
-    def delta_weight(self, multiplier: float | None = None) -> torch.Tensor:
-        """What this layer adds to W0 at `multiplier` (default: its own), float32, no gradient."""
-        m = self.multiplier if multiplier is None else multiplier
-        with torch.no_grad():
-            return m * self.update_weight().float()
-
     def lora_weight(self) -> torch.Tensor:
         """multiplier · ΔW, float32 (as LoRA layers' lora_weight() with no arguments)."""
         return self.delta_weight()
@@ -162,25 +152,6 @@ class PackedLoRA(nn.Module):
         if self.merged or self.multiplier == 0.0:
             return w
         return w + (self.multiplier * self.update_weight()).to(w.dtype)
-
-    # -- merging -------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add the update into the stored W0, after which a read of in_proj_weight costs nothing extra."""
-        if self.merged:
-            return
-        w = self.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
-        self.merged, self.merged_multiplier, self.merge_tick = True, self.multiplier, next(_merge_clock)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take out of W0 the update merge() added, whatever the multiplier is now."""
-        if not self.merged:
-            return
-        w = self.weight
-        w.copy_((w.float() - self.delta_weight(self.merged_multiplier)).to(w.dtype))
-        self.merged, self.merged_multiplier, self.merge_tick = False, 0.0, -1
 
     # -- init ------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -22,7 +22,7 @@ import lora
 from unet import UNetConfig, UNetModel
 
 from helpers import BASES, RICH, base_input, randomize
-from test_lora_files import diffusers_load, diffusers_unet, inputs, unet
+from test_lora_files import diffusers_load, diffusers_unet, inputs, peft_unet, unet
 
 SD1 = UNetConfig.tiny_sd1()
 TOL = 1e-5  # relative error, fp32
@@ -417,21 +417,10 @@ def test_sdxl_files_both_ways(tmp_path, lycoris, algo):
 def test_dora_file_from_peft_loads_here(tmp_path):
     """diffusers + peft with use_dora=True (attention, proj_in and the ResBlocks' 3x3 conv1) save; we load the file."""
     from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin as Loader
-    from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     ours = unet(RICH, seed=3)
-    ref = diffusers_unet(RICH, ours.state_dict())
-    config = LoraConfig(r=4, lora_alpha=8, use_dora=True, alpha_pattern={"attn2.to_k": 2},
-                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"])
-    ref.add_adapter(config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ref = peft_unet(ours, use_dora=True)
     Loader.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(ref),
                              unet_lora_adapter_metadata=ref.peft_config["default"].to_dict())
     file = tmp_path / "pytorch_lora_weights.safetensors"

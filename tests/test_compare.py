@@ -10,17 +10,8 @@ import pytest
 import analysis as la
 from analysis.compare import match_budget, trainable_count
 from analysis.stats import aggregate, mean_ci, t975
-from test_analyze_sweep import circles, fake_images
+from test_analyze_sweep import fake_images, world  # noqa: F401 (world: the sweep tests' fixture, a tiny SD1 and images)
 from toy import hooks as toy_hooks
-from sd.checkpoint import write_state_dict
-from sd.tiny import tiny_state_dict
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compare")
-    ckpt = write_state_dict(root / "tiny.safetensors", tiny_state_dict("sd1", seed=1))
-    return {"ckpt": str(ckpt), "images": circles(root / "images", 0), "val": circles(root / "val", 2), "root": root}
 
 
 def train_args(world) -> list[str]:

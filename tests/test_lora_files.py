@@ -258,6 +258,25 @@ def test_names_equal_what_sd_scripts_writes(cfg):
 
 # ------------------------------------------------------------------------ diffusers reads our kohya file
 
+def peft_unet(ours: nn.Module, **options) -> nn.Module:
+    """`ours` as a diffusers UNet with a peft LoRA (r=4, alpha 8, attn2.to_k alpha 2; attention, proj_in and the
+    ResBlocks' conv1) of random factors; `options` go to LoraConfig (use_rslora, use_dora). A DoRA's magnitudes
+    are scaled by 1 + N(0, 0.1²) so that they differ from W0's norms."""
+    from peft import LoraConfig
+
+    ref = diffusers_unet(RICH, ours.state_dict())
+    ref.add_adapter(LoraConfig(r=4, lora_alpha=8, alpha_pattern={"attn2.to_k": 2}, **options,
+                               target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return ref
+
+
 def diffusers_unet(cfg: UNetConfig, ldm_sd: dict[str, torch.Tensor]) -> nn.Module:
     """A diffusers UNet2DConditionModel made from our state dict by diffusers' own single-file conversion."""
     from diffusers import UNet2DConditionModel
@@ -362,19 +381,10 @@ def test_diffusers_reads_our_diffusers_file(tmp_path):
 def test_we_read_a_file_diffusers_trained_and_saved(tmp_path, rs):
     """diffusers + peft train and save (with its lora_adapter_metadata: alpha, alpha_pattern, use_rslora)."""
     from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin as Loader
-    from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     ours = unet(RICH, seed=3)
-    ref = diffusers_unet(RICH, ours.state_dict())
-    config = LoraConfig(r=4, lora_alpha=8, use_rslora=rs, alpha_pattern={"attn2.to_k": 2},
-                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"])
-    ref.add_adapter(config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ref = peft_unet(ours, use_rslora=rs)
     Loader.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(ref),
                              unet_lora_adapter_metadata=ref.peft_config["default"].to_dict())
     info = lora.load(tmp_path / "pytorch_lora_weights.safetensors", ours)
