@@ -108,9 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--karras", action="store_true", help="Karras noise levels, dpmpp_2m only (default: off)")
     p.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise, ddim only: 0 deterministic, 1 DDPM-like (default: 0)")
-    p.add_argument("--spacing", default="leading", choices=SPACINGS,
+    p.add_argument("--spacing", default=None, choices=SPACINGS,
                    help="timestep spacing: leading (SD's), trailing (starts at pure noise) or linspace "
-                        "(default: leading)")
+                        "(default: leading; trailing with --zero-terminal-snr)")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="sample with the rescaled schedule whose last timestep is pure noise (Lin et al. 2024), for "
+                        "v-prediction models and LoRAs trained with train.py --zero_terminal_snr; on by itself (with "
+                        "a note) when a --lora file says ss_zero_terminal_snr (default: off)")
+    p.add_argument("--cfg-rescale", type=float, default=0.0, metavar="PHI",
+                   help="CFG rescale φ in [0, 1]: pull the guided output back to the conditional one's scale (Lin et "
+                        "al. 2024; 0.7 with zero terminal SNR) (default: 0, off)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps, 1-1000 (default: 25)")
     p.add_argument("--cfg", type=float, default=7.5,
                    help="classifier-free guidance scale; 1 means no guidance (default: 7.5)")
@@ -150,6 +157,8 @@ def check_args(args: argparse.Namespace) -> tuple[int, int, list[LoraSpec], list
         raise InputError(f"--batch must be >= 1, got {args.batch}")
     if args.cfg < 0 or not math.isfinite(args.cfg):
         raise InputError(f"--cfg must be a finite number >= 0, got {args.cfg}")
+    if not 0 <= args.cfg_rescale <= 1:
+        raise InputError(f"--cfg-rescale must be in [0, 1], got {args.cfg_rescale}")
     if args.karras and args.sampler != "dpmpp_2m":
         raise InputError(f"--karras applies to dpmpp_2m only, not to {args.sampler}")
     if args.eta and args.sampler != "ddim":
@@ -201,20 +210,24 @@ def default_size(version: str, ckpt: Path) -> int:
     return 1024 if version == "sdxl" else 512
 
 
-def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int, merge: bool = False) -> tuple[int, int]:
+def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int, merge: bool = False,
+              zero_terminal_snr: bool = False, prediction_type: str | None = None) -> tuple[int, int]:
     """Read only the checkpoint's header, build its UNet and text encoder on the meta device, and check the image
     size against the model and each LoRA against the model (a LoRA for another base fails here), all before any
-    weight is read; `merge`: as --merge will load them. Returns the image size (width, height), with the model's own
-    for 0."""
+    weight is read; `merge`: as --merge will load them; `zero_terminal_snr`: the model must predict v. Returns the
+    image size (width, height), with the model's own for 0."""
     import lora
     import sd
-    from sd.load import build_meta  # the same architecture inference sd.load uses, on the header only
+    from sd.load import build_meta, detect_prediction_type  # sd.load's own inference, on the header only
     from sd.model import UNET_PREFIX, VAE_PREFIX, text_prefix
 
     try:
-        _, version, models = build_meta(ckpt)
+        header, version, models = build_meta(ckpt)
     except sd.CheckpointError as err:
         raise InputError(str(err)) from None
+    if zero_terminal_snr and (prediction_type or detect_prediction_type(header, version)) == "epsilon":
+        raise InputError(f"--zero-terminal-snr: {ckpt.name} predicts eps, which is undefined at the pure-noise "
+                         f"timestep; it is for v-prediction models (--prediction-type v_prediction to override)")
     unet, vae, text = models[UNET_PREFIX], models[VAE_PREFIX], models[text_prefix(version)]
     if not width:
         width = height = default_size(version, ckpt)
@@ -261,13 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         width, height, loras, scales = check_args(args)
-        width, height = preflight(args.ckpt, loras, width, height, merge=args.merge)
+        width, height = preflight(args.ckpt, loras, width, height, merge=args.merge,
+                                  zero_terminal_snr=args.zero_terminal_snr, prediction_type=args.prediction_type)
     except InputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
     import lora
     import sd
     from sampling import a1111_parameters, generate, grid, next_index, save_png, to_pil
+    from schedule import DDPMSchedule, zero_terminal_snr
 
     device = resolve_device(args.device or "auto")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
@@ -289,6 +304,18 @@ def main(argv: list[str] | None = None) -> int:
         if progress:
             print(f"LoRA {spec.name}: {len(info.modules)} layers, multiplier {spec.scale:g}"
                   + (", merged into the weights" if args.merge else ""), file=sys.stderr)
+        if info.metadata.get("ss_zero_terminal_snr") == "True" and not args.zero_terminal_snr:
+            if model.prediction_type == "v_prediction":
+                args.zero_terminal_snr = True
+                print(f"note: {spec.path} was trained with zero terminal SNR: sampling with that schedule "
+                      f"(--zero-terminal-snr)", file=sys.stderr)
+            else:
+                print(f"warning: {spec.path} was trained with zero terminal SNR, but this model predicts eps: "
+                      f"sampling with SD's schedule", file=sys.stderr)
+    if args.zero_terminal_snr:
+        model.schedule = DDPMSchedule(zero_terminal_snr(model.schedule.betas), model.prediction_type)
+    if args.spacing is None:
+        args.spacing = "trailing" if args.zero_terminal_snr else "leading"
 
     args.out.mkdir(parents=True, exist_ok=True)
     index = next_index(args.out)
@@ -298,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def parameters(seed_: int, factor: float | None, extra: dict | None = None) -> str:
         active = [(spec.name, spec.scale * (1.0 if factor is None else factor)) for spec in loras]
+        extra = {**({"Schedule": "zero terminal SNR"} if args.zero_terminal_snr else {}),
+                 **({"CFG rescale": f"{args.cfg_rescale:g}"} if args.cfg_rescale else {}), **(extra or {})} or None
         return a1111_parameters(args.prompt, args.negative, steps=args.steps, sampler=args.sampler, cfg=args.cfg,
                                 seed=seed_, width=width, height=height, model=args.ckpt.stem, karras=args.karras,
                                 eta=args.eta, spacing=args.spacing, loras=active, extra=extra)
@@ -309,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         images = to_pil(generate(model, [args.prompt] * args.batch, args.negative, sampler=args.sampler,
                                  steps=args.steps, cfg=args.cfg, seed=seeds, height=height, width=width,
                                  karras=args.karras, eta=args.eta, spacing=args.spacing, slice_size=args.vae_slice,
+                                 cfg_rescale=args.cfg_rescale,
                                  progress=label if progress else False))
         suffix = f"-lora{factor:g}" if factor is not None else ""
         for s, image in zip(seeds, images):

@@ -27,7 +27,6 @@ from time import monotonic
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -37,9 +36,13 @@ from atomic import write_text
 from data import CacheMismatchError, LatentLoader, encode_dataset
 from devices import auto_precision, precision_warning, resolve_device
 from sampling import generate, grid, save_png, to_pil
+from schedule import DDPMSchedule, zero_terminal_snr
+from sd.load import detect_prediction_type
 from toy import hooks as toy
 from training.config import TrainConfig, is_builtin_toy, parse_command_line, resumed_config
 from training.interrupt import Interrupted, Interrupts, quiet_on_broken_pipe, say
+from training.loss import distance, huber_delta, timestep_weight
+from training.noise import multires_noise, perturbed, timesteps
 from training.optim import lr_factor, make_optimizer, param_groups, set_lr
 from training.state import (load_state, read_header, remove_stale_temp_files, resolve, save_state, set_rng_states,
                             truncate_log)
@@ -87,7 +90,9 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def diffusion_loss(unet, schedule, latents, context, seed: int, index: int, cfg: TrainConfig, autocast,
                    y: torch.Tensor | None = None) -> torch.Tensor:
-    """The denoising loss of one micro-batch: MSE between the UNet output and the eps or v target, in fp32.
+    """The denoising loss of one micro-batch, in fp32: the distance between the UNet output and the eps or v target
+    (training/loss.py: l2, Huber), weighted per timestep (min-SNR-γ, debiased). training/noise.py draws the noise,
+    timesteps and noisy input (noise offset, multires noise, timestep range and sampling, input perturbation).
     y: the extra conditioning vector of a UNet that takes one (SDXL: pooled text + size embeddings).
 
     Noise and timesteps come from a generator seeded by (seed, micro-batch index), so a resumed or
@@ -97,16 +102,20 @@ def diffusion_loss(unet, schedule, latents, context, seed: int, index: int, cfg:
     noise = torch.randn(latents.shape, generator=g)
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * torch.randn(b, latents.shape[1], 1, 1, generator=g)
-    t = torch.randint(0, schedule.num_timesteps, (b,), generator=g)
+    if cfg.multires_noise_iterations:
+        noise = multires_noise(noise, g, cfg.multires_noise_iterations, cfg.multires_noise_discount)
+    t = timesteps(b, g, schedule.num_timesteps, cfg.min_timestep, min(cfg.max_timestep, schedule.num_timesteps),
+                  cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
     noise, t = noise.to(latents.device), t.to(latents.device)
-    noisy = schedule.add_noise(latents, noise, t)
+    noisy = schedule.add_noise(latents, perturbed(noise, g, cfg.ip_noise_gamma), t)
     target = schedule.target(latents, noise, t)
     with autocast:
         pred = unet(noisy, t, context) if y is None else unet(noisy, t, context, y)
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if cfg.min_snr_gamma:
-        snr = schedule.snr(t)
-        weight = snr.clamp(max=cfg.min_snr_gamma) / (snr if schedule.prediction_type == "epsilon" else snr + 1)
+    delta = (huber_delta(t, schedule.alphas_cumprod, cfg.huber_schedule, cfg.huber_c)
+             if cfg.loss_type != "l2" else None)
+    loss = distance(pred.float(), target.float(), cfg.loss_type, delta).mean(dim=(1, 2, 3))
+    weight = timestep_weight(schedule.snr(t), schedule.prediction_type, cfg.min_snr_gamma, cfg.debiased_estimation)
+    if weight is not None:
         loss = loss * weight
     return loss.mean()
 
@@ -195,6 +204,11 @@ def prepare_data(cfg: TrainConfig, out: Path, rank: int, world: int) -> Path:
     return cache
 
 
+def zero_snr_metadata(cfg: TrainConfig) -> dict[str, str]:
+    """sd-scripts' ss_zero_terminal_snr, so that sample.py (and people) know the file wants the rescaled schedule."""
+    return {"ss_zero_terminal_snr": "True"} if cfg.zero_terminal_snr else {}
+
+
 def lora_targets(cfg: TrainConfig) -> str | list[str]:
     return cfg.targets if cfg.targets in lora.PRESETS else [t.strip() for t in cfg.targets.split(",")]
 
@@ -217,9 +231,13 @@ def configure(argv: list[str] | None) -> tuple[TrainConfig, int]:
                          "default images")
     cfg.validate()  # option values and files
     try:
-        _, version, parts = sd.build_meta(cfg.ckpt)  # header only: every key and shape checked, no weight read
+        ckpt, version, parts = sd.build_meta(cfg.ckpt)  # header only: every key and shape checked, no weight read
     except sd.CheckpointError as err:
         raise ValueError(f"ckpt: {err}") from None
+    if cfg.zero_terminal_snr and cfg.prediction_type == "auto" and detect_prediction_type(ckpt, version) == "epsilon":
+        raise ValueError(f"zero_terminal_snr: {cfg.ckpt} is an eps-prediction model, which cannot tell x0 at the "
+                         f"pure-noise timestep that zero terminal SNR makes; use it with a v-prediction model (or "
+                         f"--prediction_type v_prediction to turn this one into one)")
     if version == "sdxl" and "resolution" not in given and not cfg.resume:
         cfg.resolution = 1024  # what SDXL base was trained at (by area; buckets keep about 1024^2 pixels)
     if cfg.mode == "lora":
@@ -337,6 +355,8 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
         check_cache(prior, model, "class images' cache")
     dropout = cfg.caption_dropout
     empty = loader.cache.empty_prompt() if dropout and not model.needs_y else None
+    if cfg.zero_terminal_snr:  # training and the validation images both use the rescaled schedule
+        model.schedule = DDPMSchedule(zero_terminal_snr(model.schedule.betas), model.prediction_type)
     schedule = model.schedule
     params = list(trainable.values())
     log = open(out / "log.jsonl", "a") if master else None
@@ -358,7 +378,8 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
         name = "final" if final else f"step_{step:07d}"
         if cfg.mode == "lora":
             lora.save(out / f"lora_{name}.safetensors", model if cfg.train_text_encoder else unet,
-                      format=cfg.lora_format, metadata={"ss_training_config": cfg.to_dict(), "ss_steps": step})
+                      format=cfg.lora_format, metadata={"ss_training_config": cfg.to_dict(), "ss_steps": step,
+                                                        **zero_snr_metadata(cfg)})
         else:
             save_full(model, out / f"model_{name}.safetensors", ema, cfg)
 

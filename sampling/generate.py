@@ -24,11 +24,22 @@ def to_x0_eps(x_t: torch.Tensor, output: torch.Tensor, alpha_bar: float,
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
 
 
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """CFG rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eqs. 15-16):
+    strong guidance inflates the output's scale, which zero terminal SNR makes visible as overexposure. Scale the
+    guided output back to the conditional output's standard deviation (per image), and mix: φ·rescaled + (1-φ)·guided.
+    The paper uses φ = 0.7."""
+    dims = tuple(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1.0 - phi) * guided
+
+
 def guided_denoiser(unet: nn.Module, prediction_type: str, cond: torch.Tensor, uncond: torch.Tensor | None = None,
                     cfg: float = 7.5, *, y: torch.Tensor | None = None,
-                    y_uncond: torch.Tensor | None = None) -> Denoiser:
+                    y_uncond: torch.Tensor | None = None, cfg_rescale: float = 0.0) -> Denoiser:
     """A sampler's denoise(x_t, t, ᾱ) -> (x0, eps) for `unet` with classifier-free guidance (Ho & Salimans 2022):
-    out = out(uncond) + cfg · (out(cond) - out(uncond)), on the raw output (eps or v; both convert linearly).
+    out = out(uncond) + cfg · (out(cond) - out(uncond)), on the raw output (eps or v; both convert linearly);
+    cfg_rescale φ > 0 then rescales it (rescale_guidance).
 
     cond / uncond: text contexts [B, 77, D]. With cfg == 1 or no uncond, only the conditional pass runs.
     y / y_uncond: the extra conditioning vectors of a UNet that takes one (SDXL), for each pass.
@@ -52,6 +63,8 @@ def guided_denoiser(unet: nn.Module, prediction_type: str, cond: torch.Tensor, u
         if guided:
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + cfg * (out_cond - out_uncond)
+            if cfg_rescale:
+                out = rescale_guidance(out, out_cond, cfg_rescale)
         return to_x0_eps(x_t, out, alpha_bar, prediction_type)
 
     return denoise
@@ -108,8 +121,11 @@ def sample_latents(model, cond: torch.Tensor, uncond: torch.Tensor | None, *, sa
                    generators: Sequence[torch.Generator] | None = None, noise: torch.Tensor | None = None,
                    spacing: str = "leading", karras: bool = False, eta: float = 0.0,
                    progress: bool | str = False, y: torch.Tensor | None = None,
-                   y_uncond: torch.Tensor | None = None) -> torch.Tensor:
+                   y_uncond: torch.Tensor | None = None, cfg_rescale: float = 0.0) -> torch.Tensor:
     """Denoised latents [B, C, H/f, W/f] (float32, scaled as the UNet sees them) from text contexts.
+
+    A schedule with zero terminal SNR (ᾱ_T = 0) has σ_T = ∞: ddpm and ddim take it as it is, the σ-based samplers
+    (euler, euler_a, dpmpp_2m) get ᾱ_T = 2⁻²⁴ (σ_T ≈ 4096), as diffusers' samplers do.
 
     noise: the starting x_T (unit variance); drawn from `generators` (one per image) when not given.
     y / y_uncond: SDXL's conditioning vectors for the two passes (see StableDiffusion.vector).
@@ -129,9 +145,14 @@ def sample_latents(model, cond: torch.Tensor, uncond: torch.Tensor | None, *, sa
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape} for {height}x{width} images")
     x = noise.to(device=model.device, dtype=torch.float32)
-    denoise = guided_denoiser(model.unet, model.prediction_type, cond, uncond, cfg, y=y, y_uncond=y_uncond)
+    denoise = guided_denoiser(model.unet, model.prediction_type, cond, uncond, cfg, y=y, y_uncond=y_uncond,
+                              cfg_rescale=cfg_rescale)
+    alphas_cumprod = model.schedule.alphas_cumprod
+    if alphas_cumprod[-1] == 0 and sampler not in ("ddpm", "ddim"):
+        alphas_cumprod = alphas_cumprod.clone()
+        alphas_cumprod[-1] = 2.0**-24
     with torch.inference_mode(), eval_mode(model.unet):
-        return run_sampler(sampler, denoise, x, model.schedule.alphas_cumprod, steps, spacing=spacing, eta=eta,
+        return run_sampler(sampler, denoise, x, alphas_cumprod, steps, spacing=spacing, eta=eta,
                            karras=karras, generators=generators, progress=progress)
 
 
@@ -146,14 +167,15 @@ def decode(model, latents: torch.Tensor, slice_size: int | None = None) -> torch
 def generate(model, prompts: str | Sequence[str], negative: str | Sequence[str] = "", *, sampler: str = "dpmpp_2m",
              steps: int = 25, cfg: float = 7.5, seed: int | Sequence[int] = 0, height: int = 512, width: int = 512,
              karras: bool = False, eta: float = 0.0, spacing: str = "leading", noise: torch.Tensor | None = None,
-             slice_size: int | None = None, progress: bool | str = True) -> torch.Tensor:
+             slice_size: int | None = None, progress: bool | str = True, cfg_rescale: float = 0.0) -> torch.Tensor:
     """Text to image: float32 images in [0, 1], shaped [B, 3, height, width], on the CPU (`to_pil` makes PIL images).
 
     model: a StableDiffusion from sd.load (with or without LoRA layers; its modes are restored afterwards).
     prompts: one prompt, or one per image. negative: the negative prompt ("" is SD's unconditional prompt),
         one for all or one per image.
     sampler: one of SAMPLERS ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m"); steps: denoising steps.
-    cfg: classifier-free guidance scale (1 = conditional only, no negative pass).
+    cfg: classifier-free guidance scale (1 = conditional only, no negative pass); cfg_rescale: φ of CFG rescale
+        (rescale_guidance; 0: off, 0.7 with zero terminal SNR).
     seed: image i uses seed + i (or pass one seed per image); the same seed gives the same image whatever the
         batch. noise: the starting latents instead (unit variance, [B, 4, height/8, width/8] for SD).
     height, width: in pixels, multiples of 8 for SD (size_multiple(model)).
@@ -185,7 +207,7 @@ def generate(model, prompts: str | Sequence[str], negative: str | Sequence[str] 
             uncond = model.encode_prompt(negatives) if cfg != 1.0 else None
     latents = sample_latents(model, cond, uncond, sampler=sampler, steps=steps, cfg=cfg, height=height, width=width,
                              generators=generators, noise=noise, spacing=spacing, karras=karras, eta=eta,
-                             progress=progress, y=y, y_uncond=y_uncond)
+                             progress=progress, y=y, y_uncond=y_uncond, cfg_rescale=cfg_rescale)
     if slice_size is None and height * width > 512 * 512:
         slice_size = 1
     return decode(model, latents, slice_size)

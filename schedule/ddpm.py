@@ -13,6 +13,23 @@ def scaled_linear_betas(num_timesteps: int = 1000, beta_start: float = 0.00085, 
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
 
 
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last ᾱ_T is exactly 0, so that the last timestep is pure noise (Lin et al. 2024, "Common Diffusion
+    Noise Schedules and Sample Steps are Flawed", Algorithm 1). SD's schedule ends at ᾱ_T = 0.0047: training never
+    sees pure noise, sampling starts from it. The fix shifts sqrt(ᾱ_t) down by sqrt(ᾱ_T) and stretches it back so
+    that sqrt(ᾱ_0) is unchanged:
+
+        sqrt(ᾱ_t) <- (sqrt(ᾱ_t) - sqrt(ᾱ_T)) · sqrt(ᾱ_0) / (sqrt(ᾱ_0) - sqrt(ᾱ_T))
+
+    then β_t = 1 - ᾱ_t / ᾱ_{t-1} (β_0 = 1 - ᾱ_0). SNR(T) = 0, so an eps-prediction model can't recover x0 there:
+    use it with v-prediction. float64."""
+    root = torch.cumprod(1.0 - betas.to(torch.float64), dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    alphas_cumprod = ((root - last) * first / (first - last)) ** 2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
+
+
 def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """values[t] in float64, reshaped to broadcast over a batch shaped like `like`, then moved to its device and dtype
     (t may live on the CPU while the batch is on a GPU)."""

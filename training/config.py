@@ -16,6 +16,9 @@ from devices import resolve_device
 from toy.hooks import CHECKPOINT as TOY_CHECKPOINT
 from toy.hooks import is_builtin_toy
 
+from .loss import HUBER_SCHEDULES, LOSS_TYPES
+from .noise import TIMESTEP_SAMPLINGS
+
 
 def opt(default: Any, help: str) -> Any:
     """A config field with its --help text."""
@@ -83,6 +86,28 @@ class TrainConfig:
     prediction_type: str = opt("auto", "auto (from the checkpoint), epsilon or v_prediction")
     min_snr_gamma: float = opt(0.0, "min-SNR-γ loss weighting (Hang et al. 2023; 5 is common; 0: off)")
     noise_offset: float = opt(0.0, "noise offset: add offset·N(0,1) per channel to the noise (0: off)")
+    loss_type: str = opt("l2", "l2 (MSE, the DDPM loss), huber (pseudo-Huber: 2δ(sqrt(d²+δ²)-δ)) or smooth_l1 "
+                               "(2(sqrt(d²+δ²)-δ)) (Khrapov et al. 2024; robust to outliers in the data)")
+    huber_c: float = opt(0.1, "huber/smooth_l1: δ, in (0, 1]: the constant, or where the schedule ends at high noise")
+    huber_schedule: str = opt("snr", "huber/smooth_l1: how δ follows the timestep: constant (c), exponential "
+                                     "(c^(t/1000)) or snr ((1-c)/(1+σ_t)²+c), as sd-scripts' --huber_schedule")
+    debiased_estimation: bool = opt(False, "weight the loss by 1/sqrt(SNR) (eps; SNR capped at 1000) or 1/(SNR+1) "
+                                           "(v) (Yu et al. 2023, debiased estimation); with min_snr_gamma: both")
+    zero_terminal_snr: bool = opt(False, "rescale the betas so that the last timestep is pure noise, ᾱ_T = 0 (Lin et "
+                                         "al. 2024); needs v-prediction. Sample with sample.py --zero_terminal_snr "
+                                         "(trailing spacing, --cfg_rescale 0.7 as the paper does)")
+    multires_noise_iterations: int = opt(0, "multires (pyramid) noise: levels of lower-resolution noise added "
+                                            "(Whitaker 2023; 6-10 common; 0: off)")
+    multires_noise_discount: float = opt(0.3, "multires noise: weight of each level relative to the one above, "
+                                              "in (0, 1]")
+    ip_noise_gamma: float = opt(0.0, "input perturbation: the noisy input is made with noise + γ·N(0,1), the target "
+                                     "keeps the noise (Ning et al. 2023; 0.1 common; 0: off)")
+    min_timestep: int = opt(0, "lowest training timestep (inclusive)")
+    max_timestep: int = opt(1000, "training timesteps below this (exclusive; 1000: all)")
+    timestep_sampling: str = opt("uniform", "uniform, or logit_normal: t = sigmoid(N(logit_mean, logit_std²)) "
+                                            "scaled to the range (Esser et al. 2024): more of the middle timesteps")
+    logit_mean: float = opt(0.0, "timestep_sampling logit_normal: mean of the normal")
+    logit_std: float = opt(1.0, "timestep_sampling logit_normal: standard deviation of the normal")
     caption_dropout: float = opt(0.0, "probability of training a caption as unconditional, for CFG (SD1/SD2: the empty "
                                       "caption's embedding; SDXL: zero text and pooled vector, sizes kept); 0: off")
 
@@ -135,7 +160,9 @@ class TrainConfig:
                    "lr_schedule": ("constant", "linear", "cosine"),
                    "optimizer": ("adamw", "adamw8bit"), "prediction_type": ("auto", "epsilon", "v_prediction"),
                    "precision": ("auto", "fp32", "bf16", "fp16"), "init": ("kaiming", "gaussian", "pissa"),
-                   "lora_format": ("kohya", "diffusers"), "save_dtype": ("auto", "fp16", "bf16", "fp32")}
+                   "lora_format": ("kohya", "diffusers"), "save_dtype": ("auto", "fp16", "bf16", "fp32"),
+                   "loss_type": LOSS_TYPES, "huber_schedule": HUBER_SCHEDULES,
+                   "timestep_sampling": TIMESTEP_SAMPLINGS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
@@ -157,6 +184,7 @@ class TrainConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0 (0 means alpha = rank), got {self.alpha}")
+        self.check_noise_and_loss()
         if not Path(self.ckpt).is_file():
             raise ValueError(f"ckpt: checkpoint file not found: {self.ckpt}")
         resolve_device(self.device)
@@ -173,6 +201,22 @@ class TrainConfig:
             raise ValueError("state_every and state_every_minutes must be >= 0 (0: off)")
         if self.toy_prior_images < 0:
             raise ValueError(f"toy_prior_images must be >= 0, got {self.toy_prior_images}")
+
+    def check_noise_and_loss(self) -> None:
+        if not 0 < self.huber_c <= 1:
+            raise ValueError(f"huber_c must be in (0, 1], got {self.huber_c}")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            raise ValueError(f"timesteps: need 0 <= min_timestep < max_timestep <= 1000, got min_timestep "
+                             f"{self.min_timestep}, max_timestep {self.max_timestep}")
+        if self.multires_noise_iterations < 0 or not 0 < self.multires_noise_discount <= 1:
+            raise ValueError(f"multires noise: need iterations >= 0 and a discount in (0, 1], got "
+                             f"{self.multires_noise_iterations} and {self.multires_noise_discount}")
+        if self.ip_noise_gamma < 0 or self.logit_std <= 0:
+            raise ValueError(f"need ip_noise_gamma >= 0 and logit_std > 0, got {self.ip_noise_gamma} and "
+                             f"{self.logit_std}")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError("zero_terminal_snr: the last timestep becomes pure noise (SNR 0), where an "
+                             "eps-prediction model cannot tell x0; use --prediction_type v_prediction")
 
     def check_adapter(self) -> None:
         """The options that do not go with the chosen adapter."""
@@ -315,7 +359,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 FIXED_ON_RESUME = ("mode", "ckpt", "rank", "alpha", "rs", "targets", "train_text_encoder", "lora_format", "images",
                    "cache", "prompt", "resolution", "bucket", "bucket_step", "flip", "repeats", "prediction_type",
                    "class_prompt", "class_images", "num_class_images", "toy_concept", "toy_images", "toy_prior_images",
-                   "adapter", "tucker", "dora_wd_on_output", "lokr_factor", "lokr_decompose_both", "lokr_full_matrix")
+                   "adapter", "tucker", "dora_wd_on_output", "lokr_factor", "lokr_decompose_both", "lokr_full_matrix",
+                   "zero_terminal_snr")
 # Where the run is and how to find its state: never compared.
 NOT_COMPARED = ("out", "resume")
 

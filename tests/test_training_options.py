@@ -1,0 +1,182 @@
+"""The loss and noise options of train.py (training/loss.py, training/noise.py, zero terminal SNR, CFG rescale): each
+formula against a hand computation on fixed tensors; each option a no-op when off and a change when on."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import train
+from sampling.generate import rescale_guidance
+from schedule import DDPMSchedule, scaled_linear_betas, zero_terminal_snr
+from training.loss import distance, huber_delta, timestep_weight
+from training.noise import multires_noise, perturbed, timesteps
+
+from helpers import train_argv
+from test_train import world  # noqa: F401 (a fixture: a tiny SD1 checkpoint with captioned images)
+
+AC = DDPMSchedule().alphas_cumprod
+
+
+# ------------------------------------------------------------------------------------------ the loss
+
+def test_huber_delta_follows_each_schedule():
+    t = torch.tensor([0, 250, 999])
+    assert torch.equal(huber_delta(t, AC, "constant", 0.1), torch.full((3,), 0.1))
+    want = [0.1 ** (v / 1000) for v in (0, 250, 999)]
+    assert huber_delta(t, AC, "exponential", 0.1).tolist() == pytest.approx(want, rel=1e-6)
+    sigma = [math.sqrt((1 - float(AC[v])) / float(AC[v])) for v in (0, 250, 999)]
+    want = [(1 - 0.1) / (1 + s) ** 2 + 0.1 for s in sigma]
+    assert huber_delta(t, AC, "snr", 0.1).tolist() == pytest.approx(want, rel=1e-6)
+    assert huber_delta(torch.tensor([999]), torch.zeros(1000), "snr", 0.1).item() == pytest.approx(0.1)  # σ = ∞
+
+
+def test_distances_are_their_formulas():
+    pred = torch.tensor([[0.0, 0.5, -3.0]]).view(1, 3, 1, 1)
+    target = torch.zeros(1, 3, 1, 1)
+    d = torch.tensor([0.2])
+    assert torch.equal(distance(pred, target), pred**2)
+    want_huber = [2 * 0.2 * (math.sqrt(x * x + 0.04) - 0.2) for x in (0.0, 0.5, -3.0)]
+    want_l1 = [2 * (math.sqrt(x * x + 0.04) - 0.2) for x in (0.0, 0.5, -3.0)]
+    assert distance(pred, target, "huber", d).flatten().tolist() == pytest.approx(want_huber, rel=1e-6)
+    assert distance(pred, target, "smooth_l1", d).flatten().tolist() == pytest.approx(want_l1, rel=1e-6)
+    assert distance(pred, target, "huber", torch.tensor([100.0])).flatten().tolist() == pytest.approx(
+        [0.0, 0.25, 9.0], rel=1e-3)  # δ ≫ |d|: the pseudo-Huber loss is the squared error
+
+
+def test_timestep_weights_are_min_snr_and_debiased():
+    snr = torch.tensor([0.01, 1.0, 4.0, 2000.0])
+    assert timestep_weight(snr, "epsilon") is None
+    assert timestep_weight(snr, "epsilon", 5.0).tolist() == pytest.approx([1.0, 1.0, 1.0, 5 / 2000])
+    assert timestep_weight(snr, "v_prediction", 5.0).tolist() == pytest.approx([0.01 / 1.01, 0.5, 0.8, 5 / 2001])
+    assert timestep_weight(snr, "epsilon", debiased=True).tolist() == pytest.approx(
+        [10.0, 1.0, 0.5, 1 / math.sqrt(1000)])  # SNR capped at 1000
+    assert timestep_weight(snr, "v_prediction", debiased=True).tolist() == pytest.approx(
+        [1 / 1.01, 0.5, 0.2, 1 / 1001])
+    both = timestep_weight(snr, "epsilon", 5.0, True)
+    assert both.tolist() == pytest.approx([10.0, 1.0, 0.5, 5 / 2000 / math.sqrt(1000)])
+
+
+# ------------------------------------------------------------------------------------------ the noise
+
+def test_multires_noise_adds_upsampled_levels_and_rescales():
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    got = multires_noise(noise, torch.Generator().manual_seed(1), iterations=2, discount=0.5)
+    g = torch.Generator().manual_seed(1)
+    total = noise.clone()
+    for i in range(2):
+        r = 2 + 2 * float(torch.rand((), generator=g))
+        h = max(1, int(16 / r**i))
+        level = torch.randn(2, 4, h, h, generator=g)
+        total = total + 0.5**i * torch.nn.functional.interpolate(level, size=(16, 16), mode="bilinear")
+    assert torch.allclose(got, total / total.std(), atol=1e-6)
+    assert got.std().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_timesteps_uniform_is_the_plain_draw_and_ranges_hold():
+    plain = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(timesteps(64, torch.Generator().manual_seed(3), 1000), plain)
+    t = timesteps(500, torch.Generator().manual_seed(3), 1000, 200, 300)
+    assert t.min() >= 200 and t.max() < 300
+    u = torch.sigmoid(0.5 + 2.0 * torch.randn(8, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    want = (100 + (u * 800).floor()).long()
+    assert torch.equal(timesteps(8, torch.Generator().manual_seed(4), 1000, 100, 900, "logit_normal", 0.5, 2.0), want)
+    middle = timesteps(4000, torch.Generator().manual_seed(5), 1000, sampling="logit_normal")
+    assert ((middle > 250) & (middle < 750)).float().mean() > 0.6  # uniform: 0.5
+
+
+def test_input_perturbation_adds_gamma_noise_only_when_on():
+    noise = torch.ones(2, 3)
+    assert perturbed(noise, torch.Generator().manual_seed(0), 0.0) is noise
+    xi = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(perturbed(noise, torch.Generator().manual_seed(0), 0.1), noise + 0.1 * xi)
+
+
+# -------------------------------------------------------------------- zero terminal SNR and CFG rescale
+
+def test_zero_terminal_snr_matches_diffusers_and_keeps_the_first_step():
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+    betas = scaled_linear_betas()
+    ours = zero_terminal_snr(betas)
+    assert torch.allclose(ours, rescale_zero_terminal_snr(betas.float()).double(), rtol=2e-4, atol=1e-7)  # theirs: fp32
+    new, old = torch.cumprod(1 - ours, 0), torch.cumprod(1 - betas, 0)
+    assert new[-1] == 0 and new[0] == pytest.approx(float(old[0]), rel=1e-12)
+    # sqrt(ᾱ) is shifted and scaled: an affine map of the old one
+    a, b = new.sqrt(), old.sqrt()
+    slope = (a[0] - a[500]) / (b[0] - b[500])
+    assert torch.allclose(a, slope * (b - b[-1]), atol=1e-9)
+
+
+def test_cfg_rescale_pulls_the_guided_output_to_the_conditional_scale():
+    g = torch.Generator().manual_seed(0)
+    guided, cond = 3 * torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    assert torch.equal(rescale_guidance(guided, cond, 0.0), guided)
+    full = rescale_guidance(guided, cond, 1.0)
+    assert torch.allclose(full.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), rtol=1e-5)
+    want = 0.7 * guided * (cond.std(dim=(1, 2, 3), keepdim=True) / guided.std(dim=(1, 2, 3), keepdim=True)) \
+        + 0.3 * guided
+    assert torch.allclose(rescale_guidance(guided, cond, 0.7), want)
+
+
+# ------------------------------------------------------------------------- through train.py
+
+def _lora(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+OPTIONS = {
+    "huber": {"loss_type": "huber"},
+    "smooth_l1_exp": {"loss_type": "smooth_l1", "huber_schedule": "exponential"},
+    "debiased": {"debiased_estimation": True},
+    "multires": {"multires_noise_iterations": 4},
+    "input_perturbation": {"ip_noise_gamma": 0.1},
+    "timestep_range": {"min_timestep": 200, "max_timestep": 800},
+    "logit_normal": {"timestep_sampling": "logit_normal"},
+}
+
+
+def test_each_option_changes_training_and_is_a_no_op_when_off(world, tmp_path):  # noqa: F811
+    base = dict(steps=2, targets="attn")
+    assert train.main(train_argv(world, tmp_path / "base", **base)) == 0
+    want = _lora(tmp_path / "base" / "lora_final.safetensors")
+    off = dict(loss_type="l2", huber_c=0.3, huber_schedule="constant", debiased_estimation=False,
+               multires_noise_iterations=0, multires_noise_discount=0.5, ip_noise_gamma=0.0, min_timestep=0,
+               max_timestep=1000, timestep_sampling="uniform", logit_mean=0.3, logit_std=2.0)
+    assert train.main(train_argv(world, tmp_path / "off", **base, **off)) == 0
+    got = _lora(tmp_path / "off" / "lora_final.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    for name, options in OPTIONS.items():
+        assert train.main(train_argv(world, tmp_path / name, **base, **options)) == 0, name
+        got = _lora(tmp_path / name / "lora_final.safetensors")
+        assert any(not torch.equal(got[k], want[k]) for k in want if "lora_up" in k), name
+
+
+def test_zero_terminal_snr_needs_v_prediction_and_is_written_in_the_file(world, tmp_path, capsys):  # noqa: F811
+    assert train.cli(train_argv(world, tmp_path / "eps", steps=1, zero_terminal_snr=True)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "eps-prediction" in err[-1] and not (tmp_path / "eps").exists()
+    out = tmp_path / "v"
+    assert train.main(train_argv(world, out, steps=2, targets="attn", zero_terminal_snr=True,
+                                 prediction_type="v_prediction")) == 0
+    with safe_open(str(out / "lora_final.safetensors"), "pt") as f:
+        assert f.metadata()["ss_zero_terminal_snr"] == "True"
+
+
+def test_sample_py_takes_the_zero_snr_schedule_and_refuses_it_for_eps(world, tmp_path, capsys):  # noqa: F811
+    import sample
+
+    common = ["--ckpt", world["ckpt"], "--prompt", "a red circle", "--steps", "3", "--size", "32x32", "--quiet"]
+    with pytest.raises(SystemExit):
+        sample.main([*common, "--zero-terminal-snr", "--out", str(tmp_path / "no")])
+    assert "predicts eps" in capsys.readouterr().err
+    for sampler in ("ddim", "euler"):
+        out = tmp_path / sampler
+        assert sample.main([*common, "--zero-terminal-snr", "--prediction-type", "v_prediction", "--cfg-rescale",
+                            "0.7", "--sampler", sampler, "--out", str(out)]) == 0
+        from PIL import Image
+        png = next(out.glob("*.png"))
+        assert "Schedule: zero terminal SNR" in Image.open(png).info["parameters"]
