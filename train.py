@@ -41,6 +41,7 @@ from sd.load import detect_prediction_type
 from toy import hooks as toy
 from training.config import TrainConfig, is_builtin_toy, parse_command_line, resumed_config
 from training.interrupt import Interrupted, Interrupts, quiet_on_broken_pipe, say
+from training.blocks import block_lr_weights, lr_groups, parse_table
 from training.loss import distance, huber_delta, timestep_weight
 from training.noise import multires_noise, perturbed, timesteps
 from training.optim import lr_factor, make_optimizer, param_groups, set_lr
@@ -209,6 +210,18 @@ def zero_snr_metadata(cfg: TrainConfig) -> dict[str, str]:
     return {"ss_zero_terminal_snr": "True"} if cfg.zero_terminal_snr else {}
 
 
+def block_settings(cfg: TrainConfig, unet) -> tuple[dict, dict, dict, dict]:
+    """(rank overrides, alpha overrides, lr per block, lr weight per block) from the per-block options
+    (training/blocks.py); a block whose lr weight is 0 gets rank 0, i.e. no adapter."""
+    weights = block_lr_weights(cfg.down_lr_weight, cfg.mid_lr_weight, cfg.up_lr_weight, len(unet.input_blocks))
+    ranks = {pattern: 0 for pattern, w in weights.items() if w == 0}
+    for pattern, r in parse_table(cfg.block_ranks, "block_ranks").items():
+        if not r.is_integer():
+            raise ValueError(f"block_ranks: {pattern}={r:g}: a rank is a whole number")
+        ranks.setdefault(pattern, int(r))
+    return ranks, parse_table(cfg.block_alphas, "block_alphas"), parse_table(cfg.block_lrs, "block_lrs"), weights
+
+
 def lora_targets(cfg: TrainConfig) -> str | list[str]:
     return cfg.targets if cfg.targets in lora.PRESETS else [t.strip() for t in cfg.targets.split(",")]
 
@@ -242,11 +255,14 @@ def configure(argv: list[str] | None) -> tuple[TrainConfig, int]:
         cfg.resolution = 1024  # what SDXL base was trained at (by area; buckets keep about 1024^2 pixels)
     if cfg.mode == "lora":
         unet = parts[sd.model.UNET_PREFIX]
+        ranks, alphas, _, _ = block_settings(cfg, unet)
         try:
             lora.inject(unet, cfg.rank, cfg.alpha or None, lora_targets(cfg), rs=cfg.rs, dtype=torch.float32,
-                        **cfg.adapter_options())
+                        rank_overrides=ranks, alpha_overrides=alphas, **cfg.adapter_options())
         except ValueError as err:
             raise ValueError(f"targets: {err}") from None
+    else:
+        block_settings(cfg, parts[sd.model.UNET_PREFIX])  # the lr options, checked
     if version == "sdxl" and cfg.mode == "lora" and cfg.train_text_encoder:
         if cfg.init in lora.packed.INITS and not cfg.lora_dropout:
             say("note: SDXL text-encoder LoRA: both towers get q, k, v, out, fc1, fc2; OpenCLIP bigG's q/k/v are the "
@@ -298,10 +314,11 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
     unet = model.unet
     toy_run = master and cfg.toy_eval and is_builtin_toy(cfg.ckpt)  # the built-in default: scores before and after
     toy_before = toy.scores(model, cfg.toy_concept, cfg.seed, "base") if toy_run else None
+    ranks, alphas, block_lrs, lr_weights = block_settings(cfg, unet)
     if cfg.mode == "lora":
         alpha = cfg.alpha or None
         lora.inject(unet, cfg.rank, alpha, lora_targets(cfg), init=cfg.init, rs=cfg.rs, dropout=cfg.lora_dropout,
-                    dtype=torch.float32, **cfg.adapter_options())
+                    dtype=torch.float32, rank_overrides=ranks, alpha_overrides=alphas, **cfg.adapter_options())
         if cfg.train_text_encoder:  # the preset includes OpenCLIP's packed q/k/v where they can take it (see note)
             lora.inject(model.text_encoder, cfg.rank, alpha, "attn-mlp", init=cfg.init, rs=cfg.rs,
                         dropout=cfg.lora_dropout, dtype=torch.float32, **cfg.adapter_options())
@@ -312,7 +329,13 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
     unet.gradient_checkpointing = cfg.gradient_checkpointing
     unet.train()
     trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
-    groups = param_groups([(n, p) for n, p in trainable.items()], cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
+    groups = []
+    for lr, named in lr_groups([(n.removeprefix("unet."), p) for n, p in trainable.items()], cfg.lr, block_lrs,
+                               lr_weights):
+        groups += param_groups([(f"unet.{n}", p) for n, p in named], lr, cfg.weight_decay, cfg.loraplus_ratio,
+                               "unet" if lr == cfg.lr else f"unet@{lr:g}")
+    if master and len(groups) > 1 + (cfg.loraplus_ratio not in (0.0, 1.0)):
+        say("learning rates: " + ", ".join(f"{g['name']} {g['lr']:g} ({len(g['params'])} tensors)" for g in groups))
     if cfg.train_text_encoder:
         model.text_encoder.train()
         te = {f"te.{n}": p for n, p in model.text_encoder.named_parameters() if p.requires_grad}

@@ -61,7 +61,8 @@ def _patterns(targets: str | Iterable[Pattern]) -> list[re.Pattern]:
     return [_compile(t) for t in targets]
 
 
-def _first_match(path: str, table: Mapping[Pattern, float] | None) -> float | None:
+def first_match(path: str, table: Mapping[Pattern, float] | None) -> float | None:
+    """The value of the first pattern in `table` (glob or re:) that matches the whole module path, or None."""
     for pattern, value in (table or {}).items():
         if _compile(pattern).fullmatch(path):
             return value
@@ -138,9 +139,9 @@ def inject(model_part: nn.Module, rank: int = 4, alpha: float | None = None,
         big_kernel = any(k > 1 for k in _kernel(module))
         r = conv_rank if big_kernel and conv_rank is not None else rank
         a = conv_alpha if big_kernel and conv_alpha is not None else alpha
-        override = _first_match(path, rank_overrides)
+        override = first_match(path, rank_overrides)
         r = int(override) if override is not None else r
-        override = _first_match(path, alpha_overrides)
+        override = first_match(path, alpha_overrides)
         a = override if override is not None else a
         if r == 0:
             continue
@@ -150,11 +151,11 @@ def inject(model_part: nn.Module, rank: int = 4, alpha: float | None = None,
         injected.append(path)
         new_layers.append(new)
     for path, attention in chosen_packed:  # one PackedLoRA per attention, for its q, k and v thirds
-        override = _first_match(path, rank_overrides)
+        override = first_match(path, rank_overrides)
         r = int(override) if override is not None else rank
         if r == 0:
             continue
-        override = _first_match(path, alpha_overrides)
+        override = first_match(path, alpha_overrides)
         a = override if override is not None else alpha
         new_layers.append(packed.wrap(attention, r, a, rs=rs, init=init, name=name, dtype=dtype))
         injected.append(path)

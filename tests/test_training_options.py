@@ -180,3 +180,55 @@ def test_sample_py_takes_the_zero_snr_schedule_and_refuses_it_for_eps(world, tmp
         from PIL import Image
         png = next(out.glob("*.png"))
         assert "Schedule: zero terminal SNR" in Image.open(png).info["parameters"]
+
+
+# ------------------------------------------------------------------------------------- per-block control
+
+def test_block_lr_weight_presets_are_sd_scripts_formulas():
+    from training.blocks import lr_weight_list
+
+    n = 12
+    assert lr_weight_list("linear", n, "x") == pytest.approx([i / 11 for i in range(12)])
+    assert lr_weight_list("reverse_linear", n, "x") == pytest.approx([(11 - i) / 11 for i in range(12)])
+    assert lr_weight_list("sine", n, "x") == pytest.approx([math.sin(math.pi / 2 * i / 11) for i in range(12)])
+    assert lr_weight_list("cosine", n, "x") == pytest.approx([math.sin(math.pi / 2 * (11 - i) / 11)
+                                                              for i in range(12)])
+    assert lr_weight_list("zeros+0.5", n, "x") == [0.5] * 12
+    assert lr_weight_list("1,0,2", 3, "x") == [1.0, 0.0, 2.0]
+    with pytest.raises(ValueError, match="up_lr_weight: .*need 12 numbers"):
+        lr_weight_list("1,2", 12, "up_lr_weight")
+
+
+def test_block_tables_parse_and_refuse_in_one_line():
+    from training.blocks import lr_groups, parse_table
+
+    assert parse_table("input_blocks.*=8, output_blocks.*=4", "block_ranks") == {"input_blocks.*": 8.0,
+                                                                              "output_blocks.*": 4.0}
+    for bad in ("input_blocks.*", "=3", "a=x", "a=-1"):
+        with pytest.raises(ValueError, match="block_lrs: .*PATTERN=VALUE"):
+            parse_table(bad, "block_lrs")
+    named = [("input_blocks.1.1.proj_in.lora_down.weight", 1), ("middle_block.1.proj_in.lora_up.weight", 2),
+             ("output_blocks.0.1.proj_out.lora_up.weight", 3)]
+    groups = lr_groups(named, 1e-3, {r"re:middle_block\.1\.proj_in": 5e-4}, {"output_blocks.0.*": 0.5})
+    assert [(lr, [p for _, p in ps]) for lr, ps in groups] == [(1e-3, [1]), (5e-4, [2, 3])]
+
+
+def test_block_options_set_ranks_alphas_and_learning_rates(world, tmp_path):  # noqa: F811
+    out = tmp_path / "blocks"
+    assert train.main(train_argv(world, out, steps=2, targets="attn", rank=4, block_ranks="input_blocks.*=8",
+                                 block_alphas="output_blocks.*=1", block_lrs="middle_block.*=0",
+                                 up_lr_weight="1,0,1,1")) == 0
+    import lora
+    import sd
+
+    unet = sd.load(world["ckpt"]).unet
+    lora.load(out / "lora_final.safetensors", unet)
+    layers = dict(lora.named_lora_layers(unet))
+    assert layers and not any(p.startswith("output_blocks.1.") for p in layers)  # up_lr_weight 0: no adapter there
+    for path, layer in layers.items():
+        assert layer.rank == (8 if path.startswith("input_blocks.") else 4), path
+        assert layer.alpha == (1.0 if path.startswith("output_blocks.") else layer.rank), path
+        if path.startswith("middle_block."):  # lr 0: B stays at its zero init
+            assert torch.count_nonzero(layer.lora_up.weight) == 0, path
+        else:
+            assert torch.count_nonzero(layer.lora_up.weight) > 0, path

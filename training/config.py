@@ -16,6 +16,7 @@ from devices import resolve_device
 from toy.hooks import CHECKPOINT as TOY_CHECKPOINT
 from toy.hooks import is_builtin_toy
 
+from .blocks import parse_table
 from .loss import HUBER_SCHEDULES, LOSS_TYPES
 from .noise import TIMESTEP_SAMPLINGS
 
@@ -77,6 +78,15 @@ class TrainConfig:
     lr_schedule: str = opt("constant", "constant, linear (decay to 0) or cosine (decay to 0)")
     warmup_steps: int = opt(0, "linear warm-up steps before the schedule")
     loraplus_ratio: float = opt(0.0, "LoRA+: learning rate of B = ratio × lr (0 or 1: off; the paper suggests 16)")
+    block_ranks: str = opt("", "rank per UNet block: 'input_blocks.*=8,output_blocks.*=4' (globs, or re: regexes, "
+                               "on module paths = checkpoint keys; the first match wins; 0: no adapter there)")
+    block_alphas: str = opt("", "alpha per UNet block, as block_ranks: 'middle_block.*=2'")
+    block_lrs: str = opt("", "learning rate per UNet block, as block_ranks: 'output_blocks.*=5e-4' (mode lora or full)")
+    down_lr_weight: str = opt("", "sd-scripts' lr multipliers of the input blocks: a preset (linear, reverse_linear, "
+                                  "sine, cosine, zeros; '+0.5' adds to each) or one number per block (12 on SD1/SD2, "
+                                  "9 on SDXL); a block at 0 gets no adapter (training/blocks.py)")
+    mid_lr_weight: str = opt("", "sd-scripts' lr multiplier of the middle block (a number)")
+    up_lr_weight: str = opt("", "sd-scripts' lr multipliers of the output blocks, as down_lr_weight")
     optimizer: str = opt("adamw", "adamw, or adamw8bit (bitsandbytes; CUDA only)")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0: no clipping)")
@@ -185,6 +195,8 @@ class TrainConfig:
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0 (0 means alpha = rank), got {self.alpha}")
         self.check_noise_and_loss()
+        for key in ("block_ranks", "block_alphas", "block_lrs"):
+            parse_table(getattr(self, key), key)
         if not Path(self.ckpt).is_file():
             raise ValueError(f"ckpt: checkpoint file not found: {self.ckpt}")
         resolve_device(self.device)
@@ -360,7 +372,8 @@ FIXED_ON_RESUME = ("mode", "ckpt", "rank", "alpha", "rs", "targets", "train_text
                    "cache", "prompt", "resolution", "bucket", "bucket_step", "flip", "repeats", "prediction_type",
                    "class_prompt", "class_images", "num_class_images", "toy_concept", "toy_images", "toy_prior_images",
                    "adapter", "tucker", "dora_wd_on_output", "lokr_factor", "lokr_decompose_both", "lokr_full_matrix",
-                   "zero_terminal_snr")
+                   "zero_terminal_snr", "block_ranks", "block_alphas", "block_lrs", "down_lr_weight", "mid_lr_weight",
+                   "up_lr_weight")
 # Where the run is and how to find its state: never compared.
 NOT_COMPARED = ("out", "resume")
 
