@@ -33,9 +33,10 @@ from tqdm import tqdm
 import lora
 import sd
 from atomic import write_text
-from data import CacheMismatchError, LatentLoader, encode_dataset
+from data import CacheMismatchError, LatentCache, LatentLoader, encode_dataset
 from devices import auto_precision, precision_warning, resolve_device
 from sampling import generate, grid, save_png, to_pil
+from sampling.generate import eval_mode
 from schedule import DDPMSchedule, zero_terminal_snr
 from sd.load import detect_prediction_type
 from toy import hooks as toy
@@ -43,6 +44,7 @@ from training.config import TrainConfig, is_builtin_toy, parse_command_line, res
 from training.interrupt import Interrupted, Interrupts, quiet_on_broken_pipe, say
 from training.blocks import block_lr_weights, lr_groups, parse_table
 from training.loss import distance, huber_delta, timestep_weight
+from training.validation import held_out_batches, held_out_loss, split
 from training.noise import multires_noise, perturbed, timesteps
 from training.optim import lr_factor, make_optimizer, param_groups, set_lr
 from training.state import (load_state, read_header, remove_stale_temp_files, resolve, save_state, set_rng_states,
@@ -296,7 +298,9 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
         for path in remove_stale_temp_files(out):
             say(f"removed {path} (left by an interrupted save)", file=sys.stderr)
     cache = prepare_data(cfg, out, rank, world)
-    loader = LatentLoader(cache, batch_size=cfg.batch_size, seed=cfg.seed, flip=cfg.flip or None)
+    train_items, held_out = split(len(LatentCache(cache).items), cfg.validation_split, cfg.seed)
+    loader = LatentLoader(cache, batch_size=cfg.batch_size, seed=cfg.seed, flip=cfg.flip or None,
+                          only=train_items if held_out else None)
     if master:
         write_text(out / "config.yaml", json.dumps(cfg.to_dict(), indent=2))  # JSON is valid YAML
 
@@ -378,6 +382,7 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
         check_cache(prior, model, "class images' cache")
     dropout = cfg.caption_dropout
     empty = loader.cache.empty_prompt() if dropout and not model.needs_y else None
+    val_batches = validation_batches(cfg, model, cache, held_out, out) if master else None
     if cfg.zero_terminal_snr:  # training and the validation images both use the rescaled schedule
         model.schedule = DDPMSchedule(zero_terminal_snr(model.schedule.betas), model.prediction_type)
     schedule = model.schedule
@@ -450,6 +455,11 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
                           "peak_mem_gb": peak_memory_gb(device)}
                 if scaler is not None:
                     record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped)
+                if val_batches and (done % (cfg.val_loss_every or max(1, cfg.steps // 10)) == 0 or done == cfg.steps):
+                    with eval_mode(unet, model.text_encoder):
+                        per_t = held_out_loss(model, val_batches, seed=cfg.seed, unet=unet, condition=lambda b: (
+                            conditioning(model, b.to(device), autocast, weight_dtype)))
+                    record["val_loss"] = sum(per_t) / len(per_t)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if board is not None:
@@ -573,6 +583,20 @@ def validate(cfg: TrainConfig, model, out: Path, step: int) -> None:
     folder.mkdir(exist_ok=True)
     save_png(grid(to_pil(images), cols=len(cfg.validation_prompts)), folder / f"step_{step:07d}.png",
              parameters=" | ".join(cfg.validation_prompts) + f"\nSteps: {cfg.validation_steps}, CFG scale: {cfg.validation_cfg}, Seed: {cfg.seed}")
+
+
+def validation_batches(cfg: TrainConfig, model, cache: Path, held_out: list[int], out: Path) -> list | None:
+    """The held-out batches of val_loss: --validation_split's images from the training cache, or the folder
+    --validation_images encoded once into out/val_cache; None when neither is set."""
+    if held_out:
+        say(f"validation: {len(held_out)} of the training images held out for val_loss (--validation_split "
+            f"{cfg.validation_split:g})")
+        return held_out_batches(cache, cfg.batch_size, cfg.seed, only=held_out)
+    if cfg.validation_images:
+        encode_dataset(cfg.validation_images, out / "val_cache", model, resolution=cfg.resolution, seed=cfg.seed,
+                       text=not cfg.train_text_encoder)
+        return held_out_batches(out / "val_cache", cfg.batch_size, cfg.seed)
+    return None
 
 
 def uses_prior(cfg: TrainConfig) -> bool:

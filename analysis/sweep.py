@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import lora
 import sd
-from data import LatentLoader, encode_dataset
 from lora.inject import named_lora_layers
 from sampling import generate, grid as image_grid, to_pil
+
+from training.validation import DEFAULT_TIMESTEPS, encoded_batches, held_out_loss
 
 from . import plots
 from .deltas import TE, block_key, block_of
@@ -37,7 +37,6 @@ from .results import Result
 from .stats import aggregate, pm
 
 RULES = {"r": False, "alpha/r": False, "sqrt": True, "alpha/sqrt(r)": True, "rs": True}
-DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 @dataclass
@@ -160,36 +159,16 @@ def validation_batches(model, images: str | Path, cache: str | Path, resolution:
     """Held-out images encoded once (posterior means, no flips, file order): the same inputs for every run.
 
     model: the base (sd.StableDiffusion) before any LoRA is applied, or its checkpoint path."""
-    encode_dataset(images, cache, model, resolution=resolution, seed=seed)
-    loader = LatentLoader(cache, batch_size=batch_size, seed=seed, shuffle=False, flip=False, sample=False)
-    return [loader.batch(i) for i in range(loader.steps_per_epoch)]
+    return encoded_batches(model, images, cache, resolution, seed, batch_size)
 
 
-@torch.no_grad()
 def validation_loss(model, batches: Sequence, timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
                     seed: int = 0) -> list[float]:
     """The denoising loss on every held-out image at each fixed timestep, with noise fixed by (seed, batch, t).
 
-    Returns the mean loss per timestep: deterministic, so runs (and the base) compare exactly.
-    """
-    device = next(model.unet.parameters()).device
-    dtype = next(model.unet.parameters()).dtype
-    schedule = model.schedule
-    totals = [0.0] * len(timesteps)
-    count = 0
-    for b, batch in enumerate(batches):
-        latents = batch.latents.to(device)
-        context = model.text_encoder(batch.tokens.to(device)).to(dtype)
-        n = latents.shape[0]
-        for j, t in enumerate(timesteps):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + b * 1009 + int(t))
-            noise = torch.randn(latents.shape, generator=g).to(device)
-            tt = torch.full((n,), int(t), device=device, dtype=torch.long)
-            pred = model.unet(schedule.add_noise(latents, noise, tt).to(dtype), tt, context)
-            target = schedule.target(latents, noise, tt)
-            totals[j] += float(F.mse_loss(pred.float(), target.float(), reduction="sum")) / latents[0].numel()
-        count += n
-    return [x / max(1, count) for x in totals]
+    Returns the mean loss per timestep: deterministic, so runs (and the base) compare exactly (what train.py's
+    --validation_images logs during training, training/validation.py)."""
+    return held_out_loss(model, batches, timesteps, seed)
 
 
 def train_losses(folder: str | Path) -> list[float]:

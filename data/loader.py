@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,8 +66,11 @@ class LatentLoader:
     """
 
     def __init__(self, cache: LatentCache | str | os.PathLike, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 flip: bool | None = None, sample: bool = True, drop_last: bool = False):
+                 flip: bool | None = None, sample: bool = True, drop_last: bool = False,
+                 only: Sequence[int] | None = None):
+        """only: the cache items to use (indices into cache.items, e.g. a training/validation split); None: all."""
         self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
+        self.indices = list(range(len(self.cache.items))) if only is None else sorted(set(only))
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if flip and not self.cache.has_flip:
@@ -78,7 +81,8 @@ class LatentLoader:
         self.sample, self.drop_last = sample, drop_last
         self.scale = self.cache.scale_factor
         per_bucket: dict[tuple[int, int], int] = {}
-        for item in self.cache.items:
+        for i in self.indices:
+            item = self.cache.items[i]
             per_bucket[item.bucket] = per_bucket.get(item.bucket, 0) + item.repeats
         rounding = math.floor if drop_last else math.ceil
         self.steps_per_epoch = sum(int(rounding(n / batch_size)) for n in per_bucket.values())
@@ -95,7 +99,8 @@ class LatentLoader:
         if self._plan is not None and self._plan[0] == epoch:
             return self._plan[1]
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
-        samples = np.repeat(np.arange(len(self.cache.items)), [it.repeats for it in self.cache.items])
+        samples = np.repeat(np.array(self.indices, dtype=np.int64),
+                            [self.cache.items[i].repeats for i in self.indices])
         if self.shuffle:
             samples = rng.permutation(samples)
         by_bucket: dict[tuple[int, int], list[int]] = {}

@@ -232,3 +232,45 @@ def test_block_options_set_ranks_alphas_and_learning_rates(world, tmp_path):  # 
             assert torch.count_nonzero(layer.lora_up.weight) == 0, path
         else:
             assert torch.count_nonzero(layer.lora_up.weight) > 0, path
+
+
+# ------------------------------------------------------------------------------------- validation loss
+
+def test_the_validation_split_is_seeded_disjoint_and_never_trained_on(world):  # noqa: F811
+    from data import LatentLoader
+    from training.validation import split
+
+    train_items, held = split(10, 0.25, seed=3)
+    assert held == split(10, 0.25, seed=3)[1] and len(held) == 2 and not set(held) & set(train_items)
+    assert split(10, 0.0, 0) == (list(range(10)), []) and len(split(3, 0.01, 0)[1]) == 1
+    with pytest.raises(ValueError, match="validation_split: .*none to train on"):
+        split(2, 0.9, 0)
+    from data import encode_dataset
+    cache = world["root"] / "split_cache"
+    encode_dataset(world["images"], cache, world["ckpt"], resolution=32, seed=0)
+    loader = LatentLoader(cache, batch_size=2, seed=0, only=[0, 2, 4])
+    seen = {i for step in range(3 * loader.steps_per_epoch) for i in loader.batch(step).indices}
+    assert seen == {0, 2, 4}
+
+
+def test_val_loss_is_logged_deterministically_and_matches_the_saved_lora(world, tmp_path):  # noqa: F811
+    import json
+
+    import lora
+    import sd
+    from training.validation import held_out_batches, held_out_loss, split
+
+    logs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert train.main(train_argv(world, out, steps=4, targets="attn", validation_split=0.34,
+                                     val_loss_every=2)) == 0
+        logs.append([json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()])
+    assert [r["step"] for r in logs[0] if "val_loss" in r] == [2, 4]
+    assert [r.get("val_loss") for r in logs[0]] == [r.get("val_loss") for r in logs[1]]
+    model = sd.load(world["ckpt"])
+    lora.load(tmp_path / "a" / "lora_final.safetensors", model.unet)
+    _, held = split(6, 0.34, 0)
+    batches = held_out_batches(world["cache"], 2, 0, only=held)
+    per_t = held_out_loss(model, batches, seed=0)
+    assert logs[0][-1]["val_loss"] == pytest.approx(sum(per_t) / len(per_t), rel=1e-5)

@@ -147,6 +147,12 @@ class TrainConfig:
                                            "since the last one, so a kill -9 or a power cut loses at most that much "
                                            "(0: off). Ctrl-C, SIGTERM and SIGHUP always save one")
     validate_every: int = opt(0, "render validation images every N steps (0: only at the end)")
+    validation_images: str = opt("", "held-out captioned images: their denoising loss at fixed timesteps and noise "
+                                      "is logged as val_loss (log.jsonl, TensorBoard; training/validation.py)")
+    validation_split: float = opt(0.0, "hold out this fraction of the training images (chosen by the seed) for "
+                                       "val_loss; training never sees them (0: off)")
+    val_loss_every: int = opt(0, "with validation_images or validation_split: log val_loss every N steps "
+                                 "(0: ten times per run)")
     validation_prompts: list = opt([], "validation prompts (fixed seeds); empty: none")
     validation_steps: int = opt(20, "sampler steps for validation images")
     validation_cfg: float = opt(5.0, "classifier-free guidance scale for validation images")
@@ -195,6 +201,11 @@ class TrainConfig:
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0 (0 means alpha = rank), got {self.alpha}")
         self.check_noise_and_loss()
+        if not 0 <= self.validation_split < 1 or self.val_loss_every < 0:
+            raise ValueError(f"need validation_split in [0, 1) and val_loss_every >= 0, got {self.validation_split} "
+                             f"and {self.val_loss_every}")
+        if self.validation_images and not Path(self.validation_images).is_dir():
+            raise ValueError(f"validation_images: folder not found: {self.validation_images}")
         for key in ("block_ranks", "block_alphas", "block_lrs"):
             parse_table(getattr(self, key), key)
         if not Path(self.ckpt).is_file():
@@ -373,7 +384,7 @@ FIXED_ON_RESUME = ("mode", "ckpt", "rank", "alpha", "rs", "targets", "train_text
                    "class_prompt", "class_images", "num_class_images", "toy_concept", "toy_images", "toy_prior_images",
                    "adapter", "tucker", "dora_wd_on_output", "lokr_factor", "lokr_decompose_both", "lokr_full_matrix",
                    "zero_terminal_snr", "block_ranks", "block_alphas", "block_lrs", "down_lr_weight", "mid_lr_weight",
-                   "up_lr_weight")
+                   "up_lr_weight", "validation_split")
 # Where the run is and how to find its state: never compared.
 NOT_COMPARED = ("out", "resume")
 
