@@ -92,11 +92,12 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def diffusion_loss(unet, schedule, latents, context, seed: int, index: int, cfg: TrainConfig, autocast,
-                   y: torch.Tensor | None = None) -> torch.Tensor:
+                   y: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The denoising loss of one micro-batch, in fp32: the distance between the UNet output and the eps or v target
     (training/loss.py: l2, Huber), weighted per timestep (min-SNR-γ, debiased). training/noise.py draws the noise,
     timesteps and noisy input (noise offset, multires noise, timestep range and sampling, input perturbation).
     y: the extra conditioning vector of a UNet that takes one (SDXL: pooled text + size embeddings).
+    mask: per-pixel weights [B, 1, h, w] (masked loss), or None.
 
     Noise and timesteps come from a generator seeded by (seed, micro-batch index), so a resumed or
     data-parallel run draws exactly what a single uninterrupted run would."""
@@ -116,7 +117,10 @@ def diffusion_loss(unet, schedule, latents, context, seed: int, index: int, cfg:
         pred = unet(noisy, t, context) if y is None else unet(noisy, t, context, y)
     delta = (huber_delta(t, schedule.alphas_cumprod, cfg.huber_schedule, cfg.huber_c)
              if cfg.loss_type != "l2" else None)
-    loss = distance(pred.float(), target.float(), cfg.loss_type, delta).mean(dim=(1, 2, 3))
+    loss = distance(pred.float(), target.float(), cfg.loss_type, delta)
+    if mask is not None:
+        loss = loss * mask
+    loss = loss.mean(dim=(1, 2, 3))
     weight = timestep_weight(schedule.snr(t), schedule.prediction_type, cfg.min_snr_gamma, cfg.debiased_estimation)
     if weight is not None:
         loss = loss * weight
@@ -298,7 +302,11 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
         for path in remove_stale_temp_files(out):
             say(f"removed {path} (left by an interrupted save)", file=sys.stderr)
     cache = prepare_data(cfg, out, rank, world)
-    train_items, held_out = split(len(LatentCache(cache).items), cfg.validation_split, cfg.seed)
+    opened = LatentCache(cache)
+    if cfg.masked_loss and not opened.has_masks:
+        raise ValueError(f"masked_loss: no image in {cfg.images or 'the toy images'} has a mask (name.mask.png "
+                         f"beside name.png, or an alpha channel)")
+    train_items, held_out = split(len(opened.items), cfg.validation_split, cfg.seed)
     loader = LatentLoader(cache, batch_size=cfg.batch_size, seed=cfg.seed, flip=cfg.flip or None,
                           only=train_items if held_out else None)
     if master:
@@ -430,12 +438,14 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
                     drop = caption_drop_mask(dropout, batch.latents.shape[0], cfg.seed, index)
                     context, y = conditioning(model, batch, autocast, weight_dtype, empty,
                                               None if drop is None else drop.to(device))
-                    loss = diffusion_loss(net, schedule, batch.latents, context, cfg.seed, index, cfg, autocast, y)
+                    loss = diffusion_loss(net, schedule, batch.latents, context, cfg.seed, index, cfg, autocast, y,
+                                          batch.mask if cfg.masked_loss else None)
                     if prior is not None:
                         pb = prior.batch(index).to(device)
                         context, y = conditioning(model, pb, autocast, weight_dtype)
                         loss = loss + cfg.prior_loss_weight * diffusion_loss(
-                            net, schedule, pb.latents, context, cfg.seed + 1, index, cfg, autocast, y)
+                            net, schedule, pb.latents, context, cfg.seed + 1, index, cfg, autocast, y,
+                            pb.mask if cfg.masked_loss else None)
                     if not torch.isfinite(loss):
                         raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
                     (scaler.scale(loss / cfg.grad_accum) if scaler else loss / cfg.grad_accum).backward()

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -161,6 +161,8 @@ class CacheItem:
     text: str                        # entry key of the caption's tokens (and embedding, if stored)
     # SDXL only: variant -> [original h, w, crop top, left, target h, w] in pixels (see data.pipeline.size_conditioning)
     size_conditioning: dict[str, list[int]] | None = None
+    # variant -> entry key of the loss mask at latent resolution, for images with a mask (name.mask.png or alpha)
+    masks: dict[str, str] = field(default_factory=dict)
 
 
 class LatentCache:
@@ -180,12 +182,14 @@ class LatentCache:
         self.items = [CacheItem(
             file=i["file"], sha256=i["sha256"], caption=i["caption"], repeats=int(i["repeats"]),
             bucket=tuple(i["bucket"]), original_size=tuple(i["original_size"]), crop=tuple(i["crop"]),
-            latents=dict(i["latents"]), text=i["text"], size_conditioning=i.get("size_conditioning"))
+            latents=dict(i["latents"]), text=i["text"], size_conditioning=i.get("size_conditioning"),
+            masks=dict(i.get("masks", {})))
             for i in manifest["items"]]
         if not self.items:
             raise DataError(f"{self.folder}: the cache holds no images")
         entries = manifest["entries"]
-        missing = sorted({k for it in self.items for k in (*it.latents.values(), it.text) if k not in entries})
+        missing = sorted({k for it in self.items for k in (*it.latents.values(), it.text, *it.masks.values())
+                          if k not in entries})
         absent = sorted({s for s in entries.values() if not (self.folder / s).is_file()})
         if missing or absent:
             raise DataError(f"{self.folder}: incomplete cache (entries without data: {missing[:3]}, missing shard "
@@ -276,6 +280,17 @@ class LatentCache:
         """(mean, logvar), each fp16 [C, h, w], of the VAE posterior of image `index` (unscaled)."""
         key = self.items[index].latents[variant]
         return self._read(key, "mean"), self._read(key, "logvar")
+
+    @property
+    def has_masks(self) -> bool:
+        """Some image has a loss mask (name.mask.png or an alpha channel)."""
+        return any(it.masks for it in self.items)
+
+    def mask(self, index: int, variant: str = "plain") -> torch.Tensor | None:
+        """The loss mask [1, h, w] in fp16, in [0, 1], at latent resolution (area average of the pixel mask);
+        None for an image without one."""
+        key = self.items[index].masks.get(variant)
+        return None if key is None else self._read(key, "mask")
 
     def tokens(self, index: int) -> torch.Tensor:
         """Token ids [77] of the caption, for a text encoder that is trained and so must run every step."""

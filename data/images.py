@@ -147,3 +147,27 @@ def _to_srgb(image: Image.Image) -> Image.Image:
     if alpha is not None:
         converted.putalpha(alpha)
     return converted
+
+
+def has_alpha(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """The image carries transparency (an alpha channel or a transparent palette colour); reads the header only."""
+    with _open(Path(path), max_pixels) as image:
+        return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def load_mask(path: str | os.PathLike, alpha: bool, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A loss mask as mode "L", upright (EXIF orientation applied): a mask file's grey levels (white = full weight),
+    or with alpha=True the image's own alpha channel (opaque = full weight). Raises BadImage."""
+    with _open(Path(path), max_pixels) as image:
+        try:
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+        except Exception as err:
+            if isinstance(err, MemoryError):
+                raise
+            raise BadImage(f"unreadable mask ({type(err).__name__}: {err})") from err
+    if alpha:
+        if upright.mode not in ("RGBA", "LA"):
+            upright = upright.convert("RGBA")
+        return upright.getchannel("A")
+    return upright.convert("L")

@@ -47,11 +47,13 @@ class Batch:
     tokens_g: torch.Tensor | None = None           # [B, 77] int64, padded for the second tower (OpenCLIP bigG)
     pooled: torch.Tensor | None = None             # [B, 1280] float32 frozen pooled text, if the cache stores it
     size_conditioning: torch.Tensor | None = None  # [B, 6] float32: original h, w, crop top, left, target h, w
+    # With masks in the cache (None otherwise): per-pixel loss weights at latent size, 1 for images without a mask.
+    mask: torch.Tensor | None = None               # [B, 1, h, w] float32 in [0, 1]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         """Tensors moved to `device`; floating tensors cast to `dtype` if given."""
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None)  # noqa: E731
-        tensors = ("latents", "tokens", "context", "tokens_g", "pooled", "size_conditioning")
+        tensors = ("latents", "tokens", "context", "tokens_g", "pooled", "size_conditioning", "mask")
         return Batch(**{**self.__dict__, **{name: move(getattr(self, name)) for name in tensors}})
 
 
@@ -140,8 +142,13 @@ class LatentLoader:
         xl = self.cache.version == "sdxl"
         sizes = ([self.cache.size_conditioning(i, "flip" if f else "plain") for i, f in zip(indices, flipped)]
                  if self.cache.has_size_conditioning else None)
+        masks = None
+        if self.cache.has_masks:
+            ones = torch.ones(1, *latents.shape[2:])
+            masks = [self.cache.mask(i, "flip" if f else "plain") for i, f in zip(indices, flipped)]
+            masks = torch.stack([ones if m is None else m.float() for m in masks])
         return Batch(
-            step=step, epoch=epoch, latents=latents,
+            step=step, epoch=epoch, latents=latents, mask=masks,
             tokens=torch.stack([self.cache.tokens(i) for i in indices]).long(),
             context=torch.stack(contexts).float() if contexts is not None else None,
             captions=[it.caption for it in items], files=[it.file for it in items], indices=list(indices),

@@ -21,8 +21,9 @@ from devices import resolve_device
 from .buckets import Geometry, Placement, apply
 from .cache import (FORMAT, FORMAT_VERSION, MANIFEST, CacheMismatchError, DataError, ShardWriter, collect_garbage,
                     read_manifest, shard_files, write_json_atomic)
-from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, image_size, load_rgb, sha256_file
-from .sources import CaptionRules, ImageSource, Problem, scan
+from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, has_alpha, image_size, load_mask, load_rgb,
+                     sha256_file)
+from .sources import MASK_SUFFIX, CaptionRules, ImageSource, Problem, scan
 
 log = logging.getLogger("data")
 
@@ -288,6 +289,11 @@ def encode_dataset(images: str | os.PathLike | ImageSource | Sequence[str | os.P
         if todo_images:
             failed, report.latents_written = _encode_images(loaded_model, todo_images, writer, cfg)
             report.encoded = len(todo_images) - len(failed)
+        unreadable = {id(it) for it, _ in failed}
+        todo_masks = [it for it in items if id(it) not in unreadable
+                      and any(k not in entries for k in it.get("masks", {}).values())]
+        if todo_masks:
+            failed += _encode_masks(lambda: pixel_multiple(loaded_model()), todo_masks, writer, cfg)
         gone = {id(it) for it, _ in failed}
         items = [it for it in items if id(it) not in gone]
         problems += [p for _, p in failed]
@@ -324,7 +330,8 @@ def encode_dataset(images: str | os.PathLike | ImageSource | Sequence[str | os.P
     manifest["items"] = items
     manifest["empty_text"] = empty_key
     manifest["skipped"] = [_skip_record(p) for p in problems]
-    live = {k for it in items for k in (*it["latents"].values(), it["text"])} | {empty_key}
+    live = {k for it in items for k in (*it["latents"].values(), it["text"], *it.get("masks", {}).values())}
+    live |= {empty_key}
     collect_garbage(out, manifest, live, save)
 
     report.images = len(items)
@@ -404,6 +411,24 @@ def _latent_key(sha: str, placement: Placement, variant: str) -> str:
     return f"latent/{sha[:32]}/{w}x{h}/{top}_{left}/{variant}"
 
 
+def _mask_key(mask: dict, placement: Placement, variant: str) -> str:
+    (w, h), (top, left) = placement.bucket, placement.crop
+    return f"mask/{mask['sha256'][:32]}/{'file' if mask['file'] else 'alpha'}/{w}x{h}/{top}_{left}/{variant}"
+
+
+def _mask_of(image: Path, sha: str, max_pixels: int) -> dict | None:
+    """The loss mask of an image: {"file": path of name.mask.png, "sha256": its hash}, or {"file": None,
+    "sha256": the image's} for an image with transparency (its alpha channel), or None."""
+    candidates = [image.with_name(image.stem + MASK_SUFFIX + ext) for ext in (".png", ".webp", ".jpg")]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is not None:
+        return {"file": str(found.resolve()), "sha256": sha256_file(found)}
+    try:
+        return {"file": None, "sha256": sha} if has_alpha(image, max_pixels) else None
+    except BadImage:
+        return None  # the image itself is reported where it is decoded
+
+
 def _plan_items(found, manifest: dict, geometry: Geometry, cfg: EncodeConfig) -> tuple[list[dict], list[Problem]]:
     """One manifest item per usable image: content hash (reusing the old one when path, size and mtime match),
     size and placement (from the old manifest when the same bytes were seen before)."""
@@ -453,6 +478,9 @@ def _plan_items(found, manifest: dict, geometry: Geometry, cfg: EncodeConfig) ->
             "original_size": list(size), "resized": list(placement.resized), "bucket": list(placement.bucket),
             "crop": list(placement.crop), "latents": {v: _latent_key(sha, placement, v) for v in variants},
         })
+        mask = _mask_of(f.path, sha, cfg.max_pixels)
+        if mask is not None:
+            items[-1].update(mask=mask, masks={v: _mask_key(mask, placement, v) for v in variants})
     return items, problems
 
 
@@ -533,6 +561,35 @@ def _prepare(item: dict, max_pixels: int) -> np.ndarray:
     # A JPEG may come back decoded at reduced scale, never below `resized`: the same resize and crop still apply.
     image = apply(load_rgb(item["file"], max_pixels, min_size=placement.resized), placement)
     return np.asarray(image, dtype=np.uint8)
+
+
+def _encode_masks(factor: Callable[[], int], items: list[dict], writer: ShardWriter,
+                  cfg: EncodeConfig) -> list[tuple[dict, Problem]]:
+    """Each item's loss mask, resized and cropped as its image, mirrored for the flip variant, and averaged over
+    factor x factor pixel blocks down to latent resolution: weights in [0, 1], fp16 [1, h, w]. A mask that cannot
+    be read or whose size differs from its image's drops the image (reported like a bad image)."""
+    failed: list[tuple[dict, Problem]] = []
+    f = factor()
+    for item in tqdm(items, desc="encoding masks", unit="img", disable=not cfg.progress or len(items) < 50):
+        mask = item["mask"]
+        where = mask["file"] or item["file"]
+        try:
+            image = load_mask(where, alpha=mask["file"] is None, max_pixels=cfg.max_pixels)
+            if list(image.size) != list(item["original_size"]):
+                raise BadImage(f"mask {where} is {image.size[0]}x{image.size[1]}, its image "
+                               f"{item['original_size'][0]}x{item['original_size'][1]}")
+        except BadImage as err:
+            if cfg.strict:
+                raise DataError(f"{item['file']}: {err} (strict mode)") from err
+            failed.append((item, Problem(item["file"], str(err), "image")))
+            continue
+        placement = Placement(bucket=tuple(item["bucket"]), resized=tuple(item["resized"]), crop=tuple(item["crop"]))
+        pixels = torch.from_numpy(np.asarray(apply(image, placement), dtype=np.float32) / 255.0)
+        for variant, key in item["masks"].items():
+            plane = pixels if variant == "plain" else pixels.flip(-1)
+            small = torch.nn.functional.avg_pool2d(plane[None, None], f)[0]
+            writer.add(key, {"mask": small.to(torch.float16)})
+    return failed
 
 
 def _prefetch(fn: Callable, items: Sequence, workers: int, ahead: int) -> Iterator[tuple[object, Future]]:

@@ -12,6 +12,8 @@ from typing import Iterable, Sequence
 
 from .images import IMAGE_EXTENSIONS
 
+MASK_SUFFIX = ".mask"  # name.mask.png beside name.png (any image type) weights name's loss per pixel (masked loss)
+
 # sd-scripts names training folders "<repeats>_<name>", e.g. "10_sks dog": 10 passes per epoch, class words "sks dog".
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -120,7 +122,8 @@ def _walk(root: Path, excluded: set[Path]):
         here = Path(folder)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() not in excluded)
         names = sorted(f for f in files if not f.startswith("."))
-        images = [here / f for f in names if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        images = [here / f for f in names if Path(f).suffix.lower() in IMAGE_EXTENSIONS
+                  and not Path(f).stem.lower().endswith(MASK_SUFFIX)]  # name.mask.png: the loss mask of name.png
         metadata = [here / f for f in names if f in METADATA_FILES]
         yield here, images, metadata
 

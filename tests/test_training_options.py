@@ -3,6 +3,7 @@ formula against a hand computation on fixed tensors; each option a no-op when of
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +275,91 @@ def test_val_loss_is_logged_deterministically_and_matches_the_saved_lora(world, 
     batches = held_out_batches(world["cache"], 2, 0, only=held)
     per_t = held_out_loss(model, batches, seed=0)
     assert logs[0][-1]["val_loss"] == pytest.approx(sum(per_t) / len(per_t), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ masked loss
+
+def _masked_world(root):
+    from PIL import Image, ImageDraw
+
+    folder = root / "masked"
+    folder.mkdir()
+    for name, colour in (("a", "red"), ("b", "blue"), ("c", "green")):
+        im = Image.new("RGB", (32, 32), "white")
+        ImageDraw.Draw(im).ellipse([6, 6, 26, 26], fill=colour)
+        if name == "b":  # transparency: the right half is see-through
+            im = im.convert("RGBA")
+            alpha = Image.new("L", (32, 32), 255)
+            ImageDraw.Draw(alpha).rectangle([16, 0, 31, 31], fill=0)
+            im.putalpha(alpha)
+        im.save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"a {colour} circle")
+    mask = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(mask).rectangle([0, 0, 15, 31], fill=255)  # a's left half counts
+    mask.save(folder / "a.mask.png")
+    return folder
+
+
+def test_masks_come_from_mask_files_and_alpha_at_latent_resolution(tmp_path, world):  # noqa: F811
+    from data import LatentCache, LatentLoader, encode_dataset
+
+    folder = _masked_world(tmp_path)
+    report = encode_dataset(folder, tmp_path / "cache", world["ckpt"], resolution=32, flip=True, seed=0)
+    assert report.images == 3  # a.mask.png is a's mask, not an image
+    cache = LatentCache(tmp_path / "cache")
+    by_name = {Path(it.file).stem: i for i, it in enumerate(cache.items)}
+    h, w = cache.moments(0)[0].shape[1:]
+    a, b = cache.mask(by_name["a"]), cache.mask(by_name["b"], "plain")
+    assert a.shape == (1, h, w) and cache.mask(by_name["c"]) is None
+    assert torch.all(a[..., : w // 2] == 1) and torch.all(a[..., w // 2:] == 0)
+    assert torch.all(b[..., : w // 2] == 1) and torch.all(b[..., w // 2:] == 0)   # opaque left, clear right
+    assert torch.equal(cache.mask(by_name["a"], "flip"), a.flip(-1))
+    batch = LatentLoader(cache, batch_size=3, seed=0, shuffle=False).batch(0)
+    c_row = batch.indices.index(by_name["c"])
+    assert batch.mask.shape == (3, 1, h, w) and torch.all(batch.mask[c_row] == 1)
+    from PIL import Image
+    Image.new("L", (32, 32), 255).save(folder / "a.mask.png")  # a new mask: encoded again, the latents reused
+    again = encode_dataset(folder, tmp_path / "cache", world["ckpt"], resolution=32, flip=True, seed=0)
+    assert again.encoded == 0 and torch.all(LatentCache(tmp_path / "cache").mask(by_name["a"]) == 1)
+
+
+def test_the_masked_loss_weights_each_pixel(world):  # noqa: F811
+    from training.config import TrainConfig
+
+    cfg = TrainConfig()
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[:, :, :2] = 1.0
+    schedule = DDPMSchedule()
+    zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731  a UNet that predicts 0: the loss is the target's square
+    got = train.diffusion_loss(zero, schedule, latents, None, 0, 0, cfg, torch.autocast("cpu", enabled=False),
+                               mask=mask)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=g)
+    torch.randint(0, 1000, (2,), generator=g)
+    assert got.item() == pytest.approx(float((noise**2 * mask).mean()), rel=1e-6)
+
+
+def test_masked_loss_through_train_py(world, tmp_path, capsys):  # noqa: F811
+    from PIL import Image
+
+    folder = _masked_world(tmp_path)
+    common = dict(images=str(folder), cache=str(tmp_path / "cache"), steps=2, targets="attn")
+    assert train.cli(train_argv(world, tmp_path / "none", **{**common, "images": world["images"],
+                                                            "cache": world["cache"]}, masked_loss=True)) == 2
+    assert "masked_loss: no image" in capsys.readouterr().err
+    runs = {}
+    for name, masked in (("plain", False), ("masked", True)):
+        assert train.main(train_argv(world, tmp_path / name, **common, masked_loss=masked)) == 0
+        runs[name] = _lora(tmp_path / name / "lora_final.safetensors")
+    assert any(not torch.equal(runs["plain"][k], runs["masked"][k]) for k in runs["plain"] if "lora_up" in k)
+    Image.new("L", (32, 32), 255).save(folder / "a.mask.png")  # all weights 1: masked loss is plain loss, bit for bit
+    im = Image.open(folder / "b.png")
+    im.putalpha(255)  # b's alpha made opaque
+    im.save(folder / "b.png")
+    assert train.main(train_argv(world, tmp_path / "white", **{**common, "cache": str(tmp_path / "cache2")},
+                                 masked_loss=True)) == 0
+    assert train.main(train_argv(world, tmp_path / "white_off", **{**common, "cache": str(tmp_path / "cache2")},
+                                 masked_loss=False)) == 0
+    white, off = (_lora(tmp_path / n / "lora_final.safetensors") for n in ("white", "white_off"))
+    assert all(torch.equal(white[k], off[k]) for k in off)

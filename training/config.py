@@ -112,6 +112,9 @@ class TrainConfig:
                                               "in (0, 1]")
     ip_noise_gamma: float = opt(0.0, "input perturbation: the noisy input is made with noise + γ·N(0,1), the target "
                                      "keeps the noise (Ning et al. 2023; 0.1 common; 0: off)")
+    masked_loss: bool = opt(False, "weight the loss per pixel by each image's mask: name.mask.png beside name.png "
+                                   "(white = full weight) or the image's alpha channel, cached at latent resolution "
+                                   "(images without one weigh 1), as sd-scripts' --masked_loss")
     min_timestep: int = opt(0, "lowest training timestep (inclusive)")
     max_timestep: int = opt(1000, "training timesteps below this (exclusive; 1000: all)")
     timestep_sampling: str = opt("uniform", "uniform, or logit_normal: t = sigmoid(N(logit_mean, logit_std²)) "
