@@ -15,6 +15,7 @@ from __future__ import annotations
 import devices  # noqa: F401  first: it sets OpenMP's wait policy, which only counts before torch loads
 
 import contextlib
+import dataclasses
 import os
 import json
 import math
@@ -41,14 +42,15 @@ from schedule import DDPMSchedule, zero_terminal_snr
 from sd.load import detect_prediction_type
 from toy import hooks as toy
 from training.config import TrainConfig, is_builtin_toy, parse_command_line, resumed_config
-from training.interrupt import Interrupted, Interrupts, quiet_on_broken_pipe, say
 from training.blocks import block_lr_weights, lr_groups, parse_table
+from training.captions import vary_captions
+from training.interrupt import Interrupted, Interrupts, quiet_on_broken_pipe, say
 from training.loss import distance, huber_delta, timestep_weight
-from training.validation import held_out_batches, held_out_loss, split
 from training.noise import multires_noise, perturbed, timesteps
 from training.optim import lr_factor, make_optimizer, param_groups, set_lr
 from training.state import (load_state, read_header, remove_stale_temp_files, resolve, save_state, set_rng_states,
                             truncate_log)
+from training.validation import held_out_batches, held_out_loss, split
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -156,6 +158,15 @@ def conditioning(model, batch, autocast, dtype: torch.dtype, empty: tuple | None
         sizes = batch.size_conditioning
         y = model.vector(pooled.float(), sizes[:, 0:2], sizes[:, 2:4], sizes[:, 4:6])
     return context.to(dtype), y
+
+
+def with_captions(model, batch, captions: list[str], device: torch.device):
+    """The batch with other captions: their token ids, and no cached embeddings, so that conditioning() runs the
+    text encoder on them."""
+    tokens = model.tokenize(captions)
+    tokens, tokens_g = tokens if model.needs_y else (tokens, None)
+    return dataclasses.replace(batch, captions=captions, tokens=tokens.to(device), context=None, pooled=None,
+                               tokens_g=None if tokens_g is None else tokens_g.to(device))
 
 
 def caption_drop_mask(rate: float, batch_size: int, seed: int, index: int) -> torch.Tensor | None:
@@ -435,6 +446,10 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
                 batch = loader.batch(index).to(device)
                 sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else net.no_sync()
                 with sync:
+                    if cfg.shuffle_caption or cfg.caption_tag_dropout:
+                        batch = with_captions(model, batch, vary_captions(
+                            batch.captions, cfg.seed, index, cfg.shuffle_caption, cfg.keep_tokens,
+                            cfg.caption_tag_dropout), device)
                     drop = caption_drop_mask(dropout, batch.latents.shape[0], cfg.seed, index)
                     context, y = conditioning(model, batch, autocast, weight_dtype, empty,
                                               None if drop is None else drop.to(device))

@@ -146,7 +146,8 @@ def test_each_option_changes_training_and_is_a_no_op_when_off(world, tmp_path): 
     want = _lora(tmp_path / "base" / "lora_final.safetensors")
     off = dict(loss_type="l2", huber_c=0.3, huber_schedule="constant", debiased_estimation=False,
                multires_noise_iterations=0, multires_noise_discount=0.5, ip_noise_gamma=0.0, min_timestep=0,
-               max_timestep=1000, timestep_sampling="uniform", logit_mean=0.3, logit_std=2.0)
+               max_timestep=1000, timestep_sampling="uniform", logit_mean=0.3, logit_std=2.0, masked_loss=False,
+               shuffle_caption=False, keep_tokens=2, caption_tag_dropout=0.0, validation_split=0.0)
     assert train.main(train_argv(world, tmp_path / "off", **base, **off)) == 0
     got = _lora(tmp_path / "off" / "lora_final.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -363,3 +364,39 @@ def test_masked_loss_through_train_py(world, tmp_path, capsys):  # noqa: F811
                                  masked_loss=False)) == 0
     white, off = (_lora(tmp_path / n / "lora_final.safetensors") for n in ("white", "white_off"))
     assert all(torch.equal(white[k], off[k]) for k in off)
+
+
+# ------------------------------------------------------------------------------------------ captions
+
+def test_vary_caption_keeps_the_first_tags_and_shuffles_or_drops_the_rest():
+    from training.captions import vary_caption
+
+    caption = "sks dog, on a beach,sunset , film grain, wide shot"
+    tags = ["sks dog", "on a beach", "sunset", "film grain", "wide shot"]
+    assert vary_caption(caption, torch.Generator()) == ", ".join(tags)  # all off: only the spaces are tidied
+    g = torch.Generator().manual_seed(5)
+    order = torch.randperm(4, generator=g).tolist()
+    kept = (torch.rand(4, generator=g) >= 0.5).tolist()
+    shuffled = [tags[1:][i] for i in order]
+    want = ", ".join(["sks dog"] + [t for t, k in zip(shuffled, kept) if k])
+    assert vary_caption(caption, torch.Generator().manual_seed(5), True, 1, 0.5) == want
+    many = {vary_caption(caption, torch.Generator().manual_seed(s), True, 2) for s in range(40)}
+    assert len(many) > 1 and all(c.startswith("sks dog, on a beach, ") for c in many)
+
+
+def test_shuffled_captions_reach_the_text_encoder_each_step(world, tmp_path):  # noqa: F811
+    from helpers import captioned_circles
+
+    folder = tmp_path / "tags"
+    captioned_circles(folder, [(220, 30, 30), (30, 30, 220)] * 2,
+                      ["red, circle, white background, small", "blue, circle, white background, large"] * 2)
+    common = dict(images=str(folder), cache=str(tmp_path / "cache"), steps=2, targets="attn")
+    runs = {}
+    for name, options in (("base", {}), ("shuffle", {"shuffle_caption": True, "keep_tokens": 1}),
+                          ("shuffle2", {"shuffle_caption": True, "keep_tokens": 1}),
+                          ("drop", {"caption_tag_dropout": 0.5})):
+        assert train.main(train_argv(world, tmp_path / name, **common, **options)) == 0
+        runs[name] = _lora(tmp_path / name / "lora_final.safetensors")
+    assert all(torch.equal(runs["shuffle"][k], runs["shuffle2"][k]) for k in runs["base"])  # seeded
+    for name in ("shuffle", "drop"):
+        assert any(not torch.equal(runs[name][k], runs["base"][k]) for k in runs["base"] if "lora_up" in k)

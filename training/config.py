@@ -121,6 +121,10 @@ class TrainConfig:
                                             "scaled to the range (Esser et al. 2024): more of the middle timesteps")
     logit_mean: float = opt(0.0, "timestep_sampling logit_normal: mean of the normal")
     logit_std: float = opt(1.0, "timestep_sampling logit_normal: standard deviation of the normal")
+    shuffle_caption: bool = opt(False, "shuffle the comma-separated tags of each caption at every step (the text "
+                                       "encoder then runs every step; training/captions.py)")
+    keep_tokens: int = opt(0, "with shuffle_caption / caption_tag_dropout: keep the first N tags in place")
+    caption_tag_dropout: float = opt(0.0, "drop each tag (after the kept ones) with this probability at every step")
     caption_dropout: float = opt(0.0, "probability of training a caption as unconditional, for CFG (SD1/SD2: the empty "
                                       "caption's embedding; SDXL: zero text and pooled vector, sizes kept); 0: off")
 
@@ -204,6 +208,9 @@ class TrainConfig:
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0 (0 means alpha = rank), got {self.alpha}")
         self.check_noise_and_loss()
+        if not 0 <= self.caption_tag_dropout < 1 or self.keep_tokens < 0:
+            raise ValueError(f"need caption_tag_dropout in [0, 1) and keep_tokens >= 0, got "
+                             f"{self.caption_tag_dropout} and {self.keep_tokens}")
         if not 0 <= self.validation_split < 1 or self.val_loss_every < 0:
             raise ValueError(f"need validation_split in [0, 1) and val_loss_every >= 0, got {self.validation_split} "
                              f"and {self.val_loss_every}")
