@@ -153,12 +153,15 @@ def test_parse_helpers():
 
 
 def test_help_gives_every_option_a_default():
-    text = " ".join(sample.build_parser().format_help().split())
-    for option in ("--negative", "--lora FILE[:SCALE]", "--lora-scales", "--sampler", "--karras", "--eta",
-                   "--spacing", "--steps", "--cfg", "--seed", "--size", "--batch", "--out", "--grid", "--dtype",
-                   "--device", "--vae-slice", "--quiet"):
-        after = text.split(option, 2)[-1]
-        assert "default" in after.split(" --")[0] or "required" in after.split(" --")[0], option
+    import re
+
+    text = sample.build_parser().format_help()
+    section = text.split("\noptions:\n")[1]
+    entries = {e.split()[0].rstrip(","): " ".join(e.split()) for e in re.split(r"\n  (?=-)", section)}
+    for option in ("--negative", "--lora", "--lora-scales", "--sampler", "--karras", "--eta", "--spacing",
+                   "--zero-terminal-snr", "--steps", "--cfg", "--cfg-rescale", "--seed", "--size", "--batch", "--out",
+                   "--grid", "--dtype", "--device", "--vae-slice", "--quiet"):
+        assert "default" in entries[option] or "required" in entries[option], option
     assert "pixels" in text and "dpmpp_2m" in text
 
 
