@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the weights (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--size", type=int, default=None, metavar="PX",
                    help="image side in pixels (default: the model's own: 32 for the toy, 1024 for SDXL, else 512)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: 1 for images of 64 px or less, such as the toy's: there one "
+                        "thread is faster than several, much faster on a shared CPU; else torch's own choice)")
     p.add_argument("--verbose", action="store_true", help="log every request (default: off)")
     return p
 
@@ -64,6 +67,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> lis
         fail(f"--port {args.port}: expected 0 to 65535")
     if args.size is not None and (args.size < 8 or args.size > 2048 or args.size % 8):
         fail(f"--size {args.size}: expected a multiple of 8 from 8 to 2048")
+    if args.threads is not None and args.threads < 1:
+        fail(f"--threads {args.threads}: expected 1 or more")
     if not args.ckpt.is_file():
         fail(f"--ckpt {args.ckpt}: no such file")
     for path in loras:
@@ -85,14 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     loras = check_args(args, parser)
 
+    start = time.perf_counter()
+    print(f"lab: loading {args.ckpt}" + "".join(f" + {p}" for p in loras), file=sys.stderr)
     from .server import make_server
     from .state import open_lab
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    start = time.perf_counter()
-    print(f"lab: loading {args.ckpt}" + "".join(f" + {p}" for p in loras), file=sys.stderr)
     state = open_lab(args.ckpt, loras, dtype=dtype, device=device, size=args.size)
+    threads = args.threads or (1 if device.type == "cpu" and max(state.width, state.height) <= 64 else None)
+    if threads:
+        torch.set_num_threads(threads)
     for a in state.adapters:
         print(f"lab: {a.label}: {a.kind}, {len(a.layers)} layers, rank up to {a.max_rank}", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -7,7 +7,7 @@ shows one adapter alone and the base column the model as it was loaded.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -50,10 +50,26 @@ def apply(lab: Lab, column: int | None, settings: Settings) -> None:
             weight.copy_((w0.float() + layer_delta(layer, settings)).to(weight.dtype))
 
 
-def columns(lab: Lab, settings: Settings) -> list[int | None]:
-    """The grid's columns, left to right: the base (None) if shown, then the chosen adapters."""
+@dataclass
+class Column:
+    """One column of the grid: an adapter (None: the base) at its settings (those of the page, with the column's
+    own k when the page compares ranks), and the label drawn above it."""
+
+    adapter: int | None
+    settings: Settings
+    label: str
+
+
+def columns(lab: Lab, settings: Settings) -> list[Column]:
+    """The grid's columns, left to right: the base if shown, then each chosen adapter (once per k of settings.ranks
+    when given, else once at settings.rank)."""
     chosen = range(len(lab.adapters)) if settings.loras is None else settings.loras
-    return ([None] if settings.base else []) + list(chosen)
+    out = [Column(None, settings, "base")] if settings.base else []
+    for i in chosen:
+        for k in settings.ranks or [settings.rank]:
+            s = replace(settings, rank=k if k is None or k < lab.adapters[i].max_rank else None)
+            out.append(Column(i, s, column_label(lab, i, s)))
+    return out
 
 
 def column_label(lab: Lab, column: int | None, settings: Settings) -> str:
@@ -98,7 +114,7 @@ class Renderer:
     def _count(self, *_) -> None:
         self.progress.done += 1
 
-    def render(self, settings: Settings) -> list[tuple[int | None, np.ndarray]]:
+    def render(self, settings: Settings) -> list[tuple[Column, np.ndarray]]:
         with self.lock:
             cols = columns(self.lab, settings)
             self.progress = Progress(0, len(cols) * settings.steps, True)
@@ -108,14 +124,14 @@ class Renderer:
                 self.progress.running = False
 
 
-def render(lab: Lab, settings: Settings, cols: list[int | None] | None = None) -> list[tuple[int | None, np.ndarray]]:
+def render(lab: Lab, settings: Settings, cols: list[Column] | None = None) -> list[tuple[Column, np.ndarray]]:
     """(column, images) for each column: uint8 arrays [images, height, width, 3], the seeds settings.seed, +1, ...
 
     The weights are W0 again afterwards. Not thread-safe: the lab's model is shared (the server holds a lock)."""
     out = []
     try:
         for column in columns(lab, settings) if cols is None else cols:
-            apply(lab, column, settings)
+            apply(lab, column.adapter, column.settings)
             images = generate(lab.model, [settings.prompt] * settings.images, settings.negative,
                               sampler=settings.sampler, steps=settings.steps, cfg=settings.cfg, seed=settings.seed,
                               height=lab.height, width=lab.width, progress=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -26,8 +27,9 @@ from typing import Any
 from PIL import Image
 
 from .panels import spectrum_panel
-from .render import Renderer, column_label
-from .settings import (GROUPS, KINDS, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_STEPS, SettingsError, parse_settings)
+from .render import Renderer
+from .settings import (GROUPS, KINDS, MAX_CELLS, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_RANK_COLUMNS, MAX_STEPS,
+                       SettingsError, parse_settings)
 from .state import Lab
 
 MAX_BODY_BYTES = 64 * 1024
@@ -73,7 +75,8 @@ class LabApp:
             "checkpoint": lab.ckpt.rsplit("/", 1)[-1], "version": lab.model.version,
             "width": lab.width, "height": lab.height, "max_rank": lab.max_rank,
             "defaults": lab.defaults.to_json(), "groups": list(GROUPS), "kinds": list(KINDS),
-            "limits": {"steps": MAX_STEPS, "images": MAX_IMAGES, "prompt_chars": MAX_PROMPT_CHARS},
+            "limits": {"steps": MAX_STEPS, "images": MAX_IMAGES, "prompt_chars": MAX_PROMPT_CHARS,
+                       "rank_columns": MAX_RANK_COLUMNS, "cells": MAX_CELLS},
             "adapters": [{
                 "label": a.label, "kind": a.kind, "max_rank": a.max_rank,
                 "layers": [{"name": ly.name, "block": ly.block, "group": ly.group, "kind": ly.kind,
@@ -95,8 +98,8 @@ class LabApp:
         finally:
             with self.waiting_lock:
                 self.waiting -= 1
-        cells = [{"column": column, "label": column_label(self.lab, column, settings), "seed": settings.seed + i,
-                  "png": base64.b64encode(png_bytes(image)).decode("ascii")}
+        cells = [{"adapter": column.adapter, "rank": column.settings.rank, "label": column.label,
+                  "seed": settings.seed + i, "png": base64.b64encode(png_bytes(image)).decode("ascii")}
                  for column, images in results for i, image in enumerate(images)]
         return {"settings": settings.to_json(), "seconds": seconds, "columns": len(results),
                 "rows": settings.images, "cells": cells}
@@ -182,6 +185,8 @@ class Handler(BaseHTTPRequestHandler):
             if method == "POST" and err.status in (404, 405):
                 self.close_connection = True  # its body was not read
             self.send_error_json(err.status, str(err))
+        except (ConnectionError, TimeoutError):  # the client went away: nobody to answer
+            self.close_connection = True
         except Exception as err:  # a bug must not stop the server: answer 500 and go on
             self.close_connection = True
             self.send_error_json(500, f"{type(err).__name__}: {str(err)[:300]}")
@@ -233,6 +238,12 @@ class LabServer(ThreadingHTTPServer):
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away is no error worth a traceback; anything else is printed as usual."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
     def process_request_thread(self, request, client_address) -> None:
         try:

@@ -19,6 +19,8 @@ MAX_SEED = 2**32 - 1
 MAX_SCALE = 8.0
 MAX_ALPHA = 1e4
 MAX_CFG = 30.0
+MAX_RANK_COLUMNS = 8      # ks compared side by side
+MAX_CELLS = 32            # images in one render: columns x seeds
 
 
 class SettingsError(ValueError):
@@ -29,7 +31,7 @@ class SettingsError(ValueError):
 class Settings:
     """One render: the same seeds for every column, each column one LoRA (or the base) at these settings.
 
-    rank: k for every layer (None: no truncation); layer_ranks: k for single layers, by name, over the global k.
+    rank: k for every layer (None: no truncation); ranks: a column per k instead, for each adapter; layer_ranks: k for single layers, by name, over the global k.
     alpha: every layer re-scaled to this alpha, ΔW·alpha/alpha_file (None: the file's own). scale: the LoRA
     multiplier. groups / kinds: the layers that stay on. loras: the LoRAs shown, by index (None: all)."""
 
@@ -42,6 +44,7 @@ class Settings:
     sampler: str = "ddim"
     scale: float = 1.0
     rank: int | None = None
+    ranks: list[int] | None = None
     layer_ranks: dict[str, int] = field(default_factory=dict)
     alpha: float | None = None
     groups: list[str] = field(default_factory=lambda: list(GROUPS))
@@ -111,6 +114,13 @@ def parse_settings(data: Any, *, layer_names: set[str], max_rank: int, n_loras: 
         s.scale = float(_number(data, "scale", -MAX_SCALE, MAX_SCALE))
     if "rank" in data:
         s.rank = _number(data, "rank", 1, max(1, max_rank), integer=True, optional=True)
+    if "ranks" in data:
+        ranks = data["ranks"]
+        if ranks is not None:
+            if not isinstance(ranks, list) or not 1 <= len(ranks) <= MAX_RANK_COLUMNS:
+                raise SettingsError(f"ranks: expected a list of 1 to {MAX_RANK_COLUMNS} ranks, or null")
+            ranks = [_number({"ranks": k}, "ranks", 1, max(1, max_rank), integer=True) for k in ranks]
+        s.ranks = ranks
     if "layer_ranks" in data:
         ranks = data["layer_ranks"]
         if not isinstance(ranks, dict) or len(ranks) > len(layer_names):
@@ -141,6 +151,10 @@ def parse_settings(data: Any, *, layer_names: set[str], max_rank: int, n_loras: 
                 raise SettingsError(f"loras: expected a list of LoRA indices from 0 to {n_loras - 1}, or null for all")
             loras = list(dict.fromkeys(loras))
         s.loras = loras
-    if not s.base and not (range(n_loras) if s.loras is None else s.loras):
+    shown = len(range(n_loras) if s.loras is None else s.loras)
+    if not s.base and not shown:
         raise SettingsError("nothing to render: no LoRA chosen and the base column is off")
+    cells = (int(s.base) + shown * len(s.ranks or [None])) * s.images
+    if cells > MAX_CELLS:
+        raise SettingsError(f"{cells} images asked for; at most {MAX_CELLS} in one render (fewer seeds, LoRAs or ranks)")
     return s

@@ -149,7 +149,7 @@ def test_dense_adapter_truncates_its_update(state):
 def test_full_rank_render_matches_the_live_lora_and_base_the_plain_model(state, files):
     (base_col, base), (lora_col, full) = lab.render(state, FAST_ONE)
     _, (_, cut) = lab.render(state, FAST_RANK1)
-    assert (base_col, lora_col) == (None, 0)
+    assert (base_col.adapter, lora_col.adapter) == (None, 0)
     model = sd.load(TOY)
     plain = sampling.to_uint8(sampling.generate(model, [PROMPT], sampler="ddim", steps=4, cfg=4.0, seed=0, height=32,
                                                 width=32, progress=False)).numpy()
@@ -185,7 +185,7 @@ def test_settings_refuse_bad_values():
     assert lab.parse_settings({"rank": 2, "layer_ranks": {"a.b": 1}}, **kw).rank == 2
     for bad in ({"steps": MAX_STEPS + 1}, {"steps": True}, {"seed": -1}, {"rank": 5}, {"rank": 1.5},
                 {"prompt": "x" * 501}, {"scale": float("nan")}, {"layer_ranks": {"../../etc/passwd": 1}},
-                {"groups": ["down", "sideways"]}, {"loras": [2]}, {"alpha": 0}, {"sampler": "magic"},
+                {"groups": ["down", "sideways"]}, {"loras": [2]}, {"ranks": [1] * 9}, {"ranks": [0]}, {"alpha": 0}, {"sampler": "magic"},
                 {"path": "/etc/passwd"}, {"base": False, "loras": []}, [1, 2]):
         with pytest.raises(lab.SettingsError):
             lab.parse_settings(bad, **kw)
@@ -202,6 +202,16 @@ def test_served_image_equals_the_python_render(served, state):
         expected = lab.render(state, settings)
     for cell, (_, images) in zip(result["cells"], expected):
         assert np.array_equal(decode_png(cell["png"]), images[0])
+
+
+def test_a_column_per_rank(served, state):
+    status, result = request(served, "POST", "/api/render", {"ranks": [1, 4], "loras": [0], "base": False})
+    assert status == 200 and [c["label"] for c in result["cells"]] == ["style · k=1 · ×1 · α=2", "style · k=r=4 · ×1 · α=2"]
+    with served.app.renderer.lock:
+        (_, one), = lab.render(state, lab.Settings(**{**FAST_ONE.to_json(), "base": False, "rank": 1}))
+        (_, full), = lab.render(state, lab.Settings(**{**FAST_ONE.to_json(), "base": False}))
+    assert np.array_equal(decode_png(result["cells"][0]["png"]), one[0])
+    assert np.array_equal(decode_png(result["cells"][1]["png"]), full[0])
 
 
 def test_spectrum_panel_agrees_with_analysis_spectrum(served, state, files):
@@ -232,6 +242,7 @@ def test_bad_requests_get_json_errors_and_the_server_goes_on(served):
         ("POST", "/api/render", "{not json", {}, 400),
         ("POST", "/api/render", {"steps": MAX_STEPS + 1}, {}, 400),
         ("POST", "/api/render", {"images": 1000}, {}, 400),
+        ("POST", "/api/render", {"images": 4, "ranks": [1, 2, 3, 4]}, {}, 400),  # 36 images: over MAX_CELLS
         ("POST", "/api/render", {"ckpt": "/etc/passwd"}, {}, 400),
         ("POST", "/api/spectrum", {"adapter": 0, "layer": "/etc/passwd"}, {}, 400),
         ("POST", "/api/spectrum", {"adapter": 7, "layer": "x"}, {}, 400),
@@ -274,7 +285,7 @@ def test_cli_names_a_bad_file_in_one_line(files, capsys, tmp_path):
     with pytest.raises(SystemExit):
         lab_main(["--help"])
     text = capsys.readouterr().out
-    for option in ("--ckpt", "--lora", "--host", "--port", "--device", "--dtype", "--size", "--verbose"):
+    for option in ("--ckpt", "--lora", "--host", "--port", "--device", "--dtype", "--size", "--threads", "--verbose"):
         assert option in text
 
 
