@@ -163,6 +163,33 @@ def test_full_rank_render_matches_the_live_lora_and_base_the_plain_model(state, 
         assert torch.equal(weight, w0)  # every render leaves the weights at W0
 
 
+def test_sdxl_with_both_text_towers_and_packed_qkv(tmp_path):
+    """A tiny SDXL: LoRAs on the UNet and both text towers, OpenCLIP's packed q/k/v a dense update of rank 3·2."""
+    from sd.checkpoint import write_state_dict
+    from sd.tiny import tiny_state_dict
+
+    ckpt = write_state_dict(tmp_path / "xl.safetensors", tiny_state_dict("sdxl", seed=5))
+    model = sd.load(ckpt)
+    lora.inject(model.unet, rank=2, targets="attn")
+    lora.inject(model.text_encoder, rank=2, targets="attn")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model.unet) + lora.lora_parameters(model.text_encoder):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    lora.save(tmp_path / "xl_lora.safetensors", model)
+    state = lab.open_lab(ckpt, [tmp_path / "xl_lora.safetensors"], size=32,
+                         defaults=lab.Settings(prompt="a cat", steps=2, images=1))
+    layers = state.adapters[0].layers.values()
+    assert {ly.part for ly in layers} == {"unet", "te1", "te2"} and {ly.group for ly in layers} >= {"down", "text"}
+    qkv = next(ly for ly in layers if ly.adapter == "packed")
+    assert qkv.rank == 6 and qkv.name.startswith("te2:") and qkv.block.startswith("te2:layers.")
+    (_, base), (_, full) = lab.render(state, state.defaults)
+    _, (_, one) = lab.render(state, lab.Settings(**{**state.defaults.to_json(), "rank": 1}))
+    assert full.shape == (1, 32, 32, 3) and np.abs(full.astype(int) - one.astype(int)).mean() > 1
+    for weight, w0 in state.weights.values():
+        assert torch.equal(weight, w0)
+
+
 def test_switches_scale_alpha_and_per_layer_rank(state):
     layer = state.adapters[0].layers["input_blocks.1.1.transformer_blocks.0.attn2.to_k"]
     conv = state.adapters[0].layers["input_blocks.1.0.in_layers.2"]
