@@ -316,6 +316,19 @@ def test_cli_names_a_bad_file_in_one_line(files, capsys, tmp_path):
         assert option in text
 
 
+def test_no_arguments_mean_the_toy_and_its_default_run(files, capsys, tmp_path, monkeypatch):
+    from lab.__main__ import DEFAULT_RUN, build_parser, check_args
+
+    monkeypatch.chdir(tmp_path)  # no runs/ here: the base alone, and a line saying how to make the LoRA
+    args = build_parser().parse_args([])
+    assert check_args(args, build_parser()) == [] and args.ckpt == TOY
+    assert "python train.py" in capsys.readouterr().err
+    (tmp_path / DEFAULT_RUN).parent.mkdir(parents=True)
+    (tmp_path / DEFAULT_RUN).write_bytes(files["lora"].read_bytes())
+    args = build_parser().parse_args([])
+    assert check_args(args, build_parser()) == [DEFAULT_RUN] and args.host == "127.0.0.1"
+
+
 def test_cli_serves_on_localhost_and_stops_on_ctrl_c(files):
     proc = subprocess.Popen([sys.executable, "-m", "lab", "--lora", str(files["lora"]), "--port", "0"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
