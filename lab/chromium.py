@@ -51,6 +51,9 @@ class Chromium:
         binary = binary or find_chromium()
         if not binary:
             raise ChromiumError("no Chromium found (apt-get install chromium, or set LAB_CHROMIUM)")
+        bash = shutil.which("bash")
+        if not bash:
+            raise ChromiumError("bash is needed to start Chromium with its DevTools pipe")
         self.timeout = timeout
         self.profile = tempfile.mkdtemp(prefix="lab-chromium-")
         self.proc = None
@@ -59,14 +62,13 @@ class Chromium:
         flags = ["--headless", "--remote-debugging-pipe", "--disable-gpu", "--no-first-run",
                  "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--mute-audio", "--hide-scrollbars",
+                 "--no-proxy-server",            # the lab is on this machine: never through a proxy from the env
+                 "--disable-dev-shm-usage",      # containers often have a tiny /dev/shm
                  f"--user-data-dir={self.profile}", f"--window-size={width},{height}"]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             flags.append("--no-sandbox")  # Chromium refuses to run as root with its sandbox (CI runs as root)
         # bash moves the two pipe ends to the fds 3 and 4 that Chromium expects, then becomes Chromium (bash, not
-        # sh: dash takes single-digit fd numbers only).
-        bash = shutil.which("bash")
-        if not bash:
-            raise ChromiumError("bash is needed to start Chromium with its DevTools pipe")
+        # sh: dash takes single-digit fd numbers only, and these are 10 or more).
         trampoline = 'eval "exec 3<&$1 4>&$2 $1<&- $2>&-"; shift 2; exec "$@"'
         self.proc = subprocess.Popen(
             [bash, "-c", trampoline, "bash", str(to_child_r), str(from_child_w), binary, *flags, "about:blank"],
