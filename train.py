@@ -37,6 +37,7 @@ from atomic import write_text
 from data import CacheMismatchError, LatentLoader, encode_dataset
 from devices import auto_precision, precision_warning, resolve_device
 from sampling import generate, grid, save_png, to_pil
+from text import embedding_file, new_tokens
 from toy import hooks as toy
 from training.config import TrainConfig, is_builtin_toy, parse_command_line, resumed_config
 from training.interrupt import Interrupted, Interrupts, quiet_on_broken_pipe, say
@@ -184,15 +185,67 @@ def prepare_data(cfg: TrainConfig, out: Path, rank: int, world: int) -> Path:
     """Encode the images once (rank 0), reuse the cache afterwards. Returns the cache folder."""
     cache = Path(cfg.cache) if cfg.cache else out / "cache"
     if rank == 0:  # the toy's images too are written by rank 0 alone: ranks racing on one folder would collide
-        images = cfg.images or str(toy.concept_images(cfg.toy_concept, cfg.toy_images, out))
+        images = cfg.images or str(toy.concept_images(cfg.toy_concept, cfg.toy_images, out, cfg.toy_word()))
+        # A new token being trained, or a trained text encoder: the cache keeps token ids, the encoder runs in the loop
+        added = ((cfg.token, cfg.num_vectors),) if learns_token(cfg) else ()
         report = encode_dataset(images, cache, cfg.ckpt, resolution=cfg.resolution, bucket=cfg.bucket,
                                 bucket_step=cfg.bucket_step if cfg.bucket else 8,
                                 flip=cfg.flip, prompt=cfg.prompt or None, repeats=cfg.repeats,
-                                text=not cfg.train_text_encoder, seed=cfg.seed)
+                                text=not (cfg.train_text_encoder or added), added_tokens=added, seed=cfg.seed)
         say(report)
     if world > 1:
         dist.barrier()
     return cache
+
+
+def learns_token(cfg: TrainConfig) -> bool:
+    """Textual inversion (ti) and pivotal tuning train a new token's vectors."""
+    return cfg.mode in ("ti", "pivotal")
+
+
+def has_adapter(cfg: TrainConfig) -> bool:
+    return cfg.mode in ("lora", "pivotal")
+
+
+def add_training_token(cfg: TrainConfig, model) -> dict[str, torch.nn.Parameter]:
+    """Add --token to the tokenizer and text encoder (init from --init_word or random, drawn from the seed) and
+    return its trainable vectors by tower. Every other text-encoder weight stays frozen."""
+    start = new_tokens.initial_vectors(model.text_encoder, model.tokenizer, cfg.num_vectors, cfg.init_word, cfg.seed)
+    ids = new_tokens.add_token(model.text_encoder, model.tokenizer, cfg.token, start)
+    vectors = new_tokens.new_vectors(model.text_encoder)
+    for p in vectors.values():
+        p.requires_grad_(True)
+    init = f"from '{cfg.init_word}'" if cfg.init_word else "at random"
+    say(f"new token {cfg.token!r}: ids {ids[0]}..{ids[-1]}, {cfg.num_vectors} vector(s) per tower "
+        f"({', '.join(f'{k} {v.shape[1]} wide' for k, v in vectors.items())}), initialised {init}; "
+        f"the text encoder runs in the loop")
+    return vectors
+
+
+def check_token_cache(loader: LatentLoader, cfg: TrainConfig) -> None:
+    """The cache's token ids must be those of this run's tokenizer: the same new tokens, in the same order."""
+    cached = [tuple(t) for t in loader.cache.manifest["text"].get("added_tokens", [])]
+    if cached != [(cfg.token, cfg.num_vectors)]:
+        raise ValueError(f"cache {loader.cache.folder}: its token ids were made for new tokens {cached}, this run "
+                         f"trains {[(cfg.token, cfg.num_vectors)]}; encode it again (another --cache folder)")
+    captions = [it.caption for it in loader.cache.items]
+    without = [c for c in captions if cfg.token.lower() not in c.lower()]
+    if len(without) == len(captions):
+        raise ValueError(f"token {cfg.token!r} is in none of the {len(captions)} captions (e.g. {captions[0]!r}): its "
+                         f"vectors would get no gradient; put it in the captions, or give --prompt with it")
+    if without:
+        say(f"note: {len(without)} of {len(captions)} captions lack {cfg.token!r} (e.g. {without[0]!r}); they train "
+            f"the adapter only", file=sys.stderr)
+
+
+def training_phase(cfg: TrainConfig, step: int) -> tuple[bool, bool]:
+    """(the token's vectors train, the adapter trains) at `step`: pivotal's --ti_steps trains the vectors alone
+    first; --ti_freeze then keeps them fixed."""
+    if cfg.mode != "pivotal" or not cfg.ti_steps:
+        return learns_token(cfg), has_adapter(cfg)
+    if step < cfg.ti_steps:
+        return True, False
+    return not cfg.ti_freeze, True
 
 
 def lora_targets(cfg: TrainConfig) -> str | list[str]:
@@ -222,7 +275,7 @@ def configure(argv: list[str] | None) -> tuple[TrainConfig, int]:
         raise ValueError(f"ckpt: {err}") from None
     if version == "sdxl" and "resolution" not in given and not cfg.resume:
         cfg.resolution = 1024  # what SDXL base was trained at (by area; buckets keep about 1024^2 pixels)
-    if cfg.mode == "lora":
+    if has_adapter(cfg):
         unet = parts[sd.model.UNET_PREFIX]
         try:
             lora.inject(unet, cfg.rank, cfg.alpha or None, lora_targets(cfg), rs=cfg.rs, dtype=torch.float32,
@@ -253,6 +306,8 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
     master = rank == 0
     precision = pick_precision(cfg.precision, device) if master else pick_quietly(cfg.precision, device)
     out = Path(cfg.out)
+    if learns_token(cfg) and world > 1:
+        raise ValueError(f"mode {cfg.mode}: one process only; the token's vectors are not averaged across DDP ranks")
     if cfg.resume and resume_step >= cfg.steps and (out / final_name(cfg)).is_file():
         say(f"the run in {out} is complete at step {resume_step} of {cfg.steps}: nothing to train "
             f"(give --steps N to train further)")
@@ -263,11 +318,13 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
             say(f"removed {path} (left by an interrupted save)", file=sys.stderr)
     cache = prepare_data(cfg, out, rank, world)
     loader = LatentLoader(cache, batch_size=cfg.batch_size, seed=cfg.seed, flip=cfg.flip or None)
+    if learns_token(cfg):
+        check_token_cache(loader, cfg)
     if master:
         write_text(out / "config.yaml", json.dumps(cfg.to_dict(), indent=2))  # JSON is valid YAML
 
     # --- model: LoRA keeps the frozen base in the low precision; full training keeps fp32 master weights
-    weight_dtype = DTYPES[precision] if cfg.mode == "lora" else torch.float32
+    weight_dtype = DTYPES[precision] if cfg.mode != "full" else torch.float32
     model = sd.load(cfg.ckpt, dtype=weight_dtype, device=device,
                     prediction_type=None if cfg.prediction_type == "auto" else cfg.prediction_type)
     check_cache(loader, model)
@@ -278,9 +335,11 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
             file=sys.stderr)
     torch.manual_seed(cfg.seed)
     unet = model.unet
+    vectors = add_training_token(cfg, model) if learns_token(cfg) else {}
     toy_run = master and cfg.toy_eval and is_builtin_toy(cfg.ckpt)  # the built-in default: scores before and after
-    toy_before = toy.scores(model, cfg.toy_concept, cfg.seed, "base") if toy_run else None
-    if cfg.mode == "lora":
+    word = cfg.toy_word()
+    toy_before = toy.scores(model, cfg.toy_concept, cfg.seed, "base", word=word) if toy_run else None
+    if has_adapter(cfg):
         alpha = cfg.alpha or None
         lora.inject(unet, cfg.rank, alpha, lora_targets(cfg), init=cfg.init, rs=cfg.rs, dropout=cfg.lora_dropout,
                     dtype=torch.float32, **cfg.adapter_options())
@@ -289,12 +348,18 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
                         dropout=cfg.lora_dropout, dtype=torch.float32, **cfg.adapter_options())
         if master:
             say(lora.report(unet))
-    else:
+    elif cfg.mode == "full":
         unet.requires_grad_(True)
     unet.gradient_checkpointing = cfg.gradient_checkpointing
     unet.train()
     trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
-    groups = param_groups([(n, p) for n, p in trainable.items()], cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
+    groups = param_groups([(n, p) for n, p in trainable.items()], cfg.lr, cfg.weight_decay, cfg.loraplus_ratio) \
+        if trainable else []
+    adapter_params = list(trainable.values())
+    if vectors:  # the new rows, at their own learning rate
+        emb = {f"emb.{tower}": p for tower, p in vectors.items()}
+        trainable.update(emb)
+        groups += param_groups(list(emb.items()), cfg.ti_lr, cfg.weight_decay, 0.0, "emb")
     if cfg.train_text_encoder:
         model.text_encoder.train()
         te = {f"te.{n}": p for n, p in model.text_encoder.named_parameters() if p.requires_grad}
@@ -351,15 +416,19 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
         last_state = monotonic()
 
     def save_outputs(step: int, final: bool = False) -> None:
-        """The training state first (what a resume needs), then the LoRA file or full checkpoint; rank 0 only."""
+        """The training state first (what a resume needs), then the LoRA file and/or the embedding file (pivotal: both,
+        side by side), or the full checkpoint; rank 0 only."""
         write_state(step)
         if not master:
             return
         name = "final" if final else f"step_{step:07d}"
-        if cfg.mode == "lora":
+        if learns_token(cfg):
+            embedding_file.save(out / f"embedding_{name}.safetensors", cfg.token, vectors,
+                                metadata={"step": step, "sd.version": model.version, "ss_training_config": cfg.to_dict()})
+        if has_adapter(cfg):
             lora.save(out / f"lora_{name}.safetensors", model if cfg.train_text_encoder else unet,
                       format=cfg.lora_format, metadata={"ss_training_config": cfg.to_dict(), "ss_steps": step})
-        else:
+        elif cfg.mode == "full":
             save_full(model, out / f"model_{name}.safetensors", ema, cfg)
 
     if cfg.resume and master:
@@ -372,6 +441,12 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
         for step in bar:
             t0 = time.perf_counter()
             set_lr(optimizer, lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.lr_schedule))
+            if cfg.mode == "pivotal":  # which of the two trains now (see training_phase); no gradient for the other
+                emb_on, adapter_on = training_phase(cfg, step)
+                for p in vectors.values():
+                    p.requires_grad_(emb_on)
+                for p in adapter_params:
+                    p.requires_grad_(adapter_on)
             total = 0.0
             for micro in range(cfg.grad_accum):
                 index = (step * cfg.grad_accum + micro) * world + rank  # the global micro-batch this rank runs
@@ -442,8 +517,8 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
     if master:
         validate(cfg, model, out, cfg.steps)
         if toy_before is not None:
-            after = toy.scores(model, cfg.toy_concept, cfg.seed, "trained")
-            say(toy.summary(cfg.toy_concept, toy_before, after, out))
+            after = toy.scores(model, cfg.toy_concept, cfg.seed, "trained", word=word)
+            say(toy.summary(cfg.toy_concept, toy_before, after, out, word=word))
             say(f"before/after grid: {out / 'before_after.png'} (rows labelled: '{cfg.toy_concept}' prompts and "
                 f"base-world prompts, each by the base and by the trained model)")
         say(f"done: outputs in {out}")
@@ -456,8 +531,15 @@ def pick_quietly(precision: str, device: torch.device) -> str:
     return auto_precision(device)[0] if precision == "auto" else precision
 
 
+def output_prefixes(cfg: TrainConfig) -> list[str]:
+    """What a run writes, by file-name prefix: pivotal tuning writes a LoRA and an embedding side by side."""
+    if cfg.mode == "full":
+        return ["model"]
+    return (["lora"] if has_adapter(cfg) else []) + (["embedding"] if learns_token(cfg) else [])
+
+
 def final_name(cfg: TrainConfig) -> str:
-    return "lora_final.safetensors" if cfg.mode == "lora" else "model_final.safetensors"
+    return f"{output_prefixes(cfg)[-1]}_final.safetensors"
 
 
 def state_due(cfg: TrainConfig, step: int, last_state: float) -> bool:
@@ -480,15 +562,16 @@ def rewrite_missing_outputs(cfg: TrainConfig, out: Path, start: int, save_output
     weights; earlier ones cannot be (their weights are gone), so they are named."""
     if not cfg.save_every:
         return
-    prefix = "lora" if cfg.mode == "lora" else "model"
+    prefixes = output_prefixes(cfg)
     missing = [s for s in range(cfg.save_every, min(start, cfg.steps - 1) + 1, cfg.save_every)
-               if not (out / f"{prefix}_step_{s:07d}.safetensors").is_file()]
+               if not all((out / f"{prefix}_step_{s:07d}.safetensors").is_file() for prefix in prefixes)]
+    names = lambda s: " + ".join(f"{prefix}_step_{s:07d}.safetensors" for prefix in prefixes)  # noqa: E731
     if missing and missing[-1] == start:
         save_outputs(start)
-        say(f"rewrote {prefix}_step_{start:07d}.safetensors (its save was interrupted)", file=sys.stderr)
+        say(f"rewrote {names(start)} (its save was interrupted)", file=sys.stderr)
         missing.pop()
     if missing:
-        say(f"note: {', '.join(f'{prefix}_step_{s:07d}.safetensors' for s in missing)} missing in {out}: their saves "
+        say(f"note: {', '.join(names(s) for s in missing)} missing in {out}: their saves "
             f"were interrupted, and the weights of those steps no longer exist", file=sys.stderr)
 
 
@@ -532,6 +615,10 @@ def validate(cfg: TrainConfig, model, out: Path, step: int) -> None:
 
 
 def uses_prior(cfg: TrainConfig) -> bool:
+    """Prior preservation; not for textual inversion, which leaves the model as it is (prior captions lack the token,
+    so their loss would give the vectors no gradient)."""
+    if cfg.mode == "ti":
+        return False
     return bool(cfg.class_prompt or cfg.class_images or (is_builtin_toy(cfg.ckpt) and cfg.toy_prior_images))
 
 
