@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
         if toy_before is not None:
             after = toy.scores(model, cfg.toy_concept, cfg.seed, "trained", word=word)
             say(toy.summary(cfg.toy_concept, toy_before, after, out, word=word))
-            say(f"before/after grid: {out / 'before_after.png'} (rows labelled: '{cfg.toy_concept}' prompts and "
+            say(f"before/after grid: {out / 'before_after.png'} (rows labelled: '{word}' prompts and "
                 f"base-world prompts, each by the base and by the trained model)")
         say(f"done: outputs in {out}")
     if world > 1:

@@ -84,7 +84,7 @@ def summary(concept: str, before: dict, after: dict, out: Path, word: str | None
     keys = ("concept_score", "forgetting_score", "base_accuracy")
     write_text(out / "scores.json",
                json.dumps({k: {key: r[key] for key in keys} for k, r in (("base", before), ("trained", after))}, indent=2))
-    before_after_grid(concept, before, after, out / "before_after.png")
+    before_after_grid(word if word and word != concept else concept, before, after, out / "before_after.png")
     return text
 
 

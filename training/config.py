@@ -43,8 +43,9 @@ class TrainConfig:
     mode: str = opt("lora", "lora: train low-rank adapters; full: resume-train every UNet weight; ti: textual "
                             "inversion, a new token's vectors alone (the model stays untouched); pivotal: the new "
                             "token's vectors and an adapter (--adapter) together. ti/pivotal run the text encoder "
-                            "in the loop: SD1.5's CLIP-L adds its weights (246 MB in bf16/fp16) and about 43 MB of "
-                            "saved activations per image (fp32; half in bf16) to a LoRA run's memory")
+                            "in the loop, and autograd keeps its activations for the vectors' gradient: 19 MiB per image "
+                            "for SD1.5's CLIP-L in bf16 (38 MiB in fp32), 0.3 MiB on the toy; its weights (235 MiB "
+                            "bf16) are loaded in every mode (bench/ti_memory.py)")
     adapter: str = opt("lora", "the adapter (lora.inject's adapter=): lora (s·B·A), dora (Liu et al. 2024: magnitude "
                                "m and direction W0 + s·B·A, m per output channel), loha (Hadamard product "
                                "s·(B1·A1)⊙(B2·A2)), lokr (Kronecker product s·W1⊗W2); files in LyCORIS's layout")
