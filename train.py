@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
     if master:
         write_text(out / "config.yaml", json.dumps(cfg.to_dict(), indent=2))  # JSON is valid YAML
 
-    # --- model: LoRA keeps the frozen base in the low precision; full training keeps fp32 master weights
+    # --- model: LoRA, TI and pivotal keep the frozen base in the low precision; full training keeps fp32 master weights
     weight_dtype = DTYPES[precision] if cfg.mode != "full" else torch.float32
     model = sd.load(cfg.ckpt, dtype=weight_dtype, device=device,
                     prediction_type=None if cfg.prediction_type == "auto" else cfg.prediction_type)

@@ -91,7 +91,8 @@ def test_embedding_files_use_a1111_and_comfyui_keys(tmp_path, version, keys):
     assert set(tensors) == keys
     widths = new_tokens.widths(model.text_encoder)
     for key, t in tensors.items():
-        assert t.dtype == torch.float32 and t.shape == (2, widths[key] if key != "emb_params" else next(iter(widths.values())))
+        width = next(iter(widths.values())) if key == "emb_params" else widths[key]
+        assert t.dtype == torch.float32 and t.shape == (2, width)
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["name"] == TOKEN
 

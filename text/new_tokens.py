@@ -20,7 +20,7 @@ from .tokenizer import CLIPTokenizer
 
 
 class TokenEmbedding(nn.Module):
-    """nn.Embedding's lookup over a frozen table `weight` [V, D] plus trainable rows `new_vectors` [n, D] for ids V..V+n-1.
+    """nn.Embedding's lookup over a frozen table `weight` [V, D] plus trainable rows `new_vectors` [n, D] (ids V..V+n-1).
 
     `weight` is the original Parameter (same object, same key `token_embedding.weight`); `new_vectors` is kept in
     float32, whatever the table's dtype, and cast to it at lookup, as the adapters' parameters are."""
