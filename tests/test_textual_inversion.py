@@ -13,7 +13,9 @@ import sd
 import train
 from sd.checkpoint import write_state_dict
 from sd.tiny import tiny_state_dict
+from data import LatentCache
 from text import CLIPTokenizer, embedding_file, new_tokens
+from training.config import TrainConfig
 
 from helpers import captioned_circles, train_argv
 
@@ -231,6 +233,15 @@ def test_resume_is_exact(world, tmp_path, capsys, mode, extra):
         assert ups and all(not u.any() for u in ups)
 
 
+def test_pivotal_trains_the_vectors_alone_for_ti_steps_then_both_or_the_adapter_alone():
+    cfg = TrainConfig(mode="pivotal", token=TOKEN, ti_steps=3)
+    assert [train.training_phase(cfg, s) for s in (0, 2, 3, 9)] == [(True, False)] * 2 + [(True, True)] * 2
+    cfg.ti_freeze = True
+    assert [train.training_phase(cfg, s) for s in (2, 3)] == [(True, False), (False, True)]
+    assert train.training_phase(TrainConfig(mode="ti", token=TOKEN), 0) == (True, False)
+    assert train.training_phase(TrainConfig(mode="pivotal", token=TOKEN), 0) == (True, True)
+
+
 def test_textual_inversion_leaves_the_forgetting_score_of_the_base(world, tmp_path):
     """TI trains only the new rows: on prompts without the token the model draws the same images, bit for bit, so the
     toy's forgetting score equals the base's exactly."""
@@ -238,6 +249,8 @@ def test_textual_inversion_leaves_the_forgetting_score_of_the_base(world, tmp_pa
 
     out = tmp_path / "ti"
     assert train.main(args(world, out, steps=3)) == 0
+    cache = LatentCache(world["cache"])  # token ids only, the new token's among them: the encoder runs in the loop
+    assert not cache.has_context and 49408 in cache.tokens(0).tolist()
     base = sd.load(world["ckpt"])
     trained = sd.load(world["ckpt"])
     embedding_file.load(out / "embedding_final.safetensors", trained.text_encoder, trained.tokenizer)
