@@ -159,15 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> tuple[int, int, list[LoraSpec], list[float] | None]:
     """Everything that needs no file contents: raises InputError with a readable message."""
-    for text in args.embedding:
-        spec = parse_embedding(text)
-        if not spec.path.is_file():
-            raise InputError(f"--embedding {spec.path}: no such file")
-    return _check_args(args)
-
-
-def _check_args(args: argparse.Namespace) -> tuple[int, int, list[LoraSpec], list[float] | None]:
-    """Everything that needs no file contents: raises InputError with a readable message."""
     from sampling import SAMPLERS
 
     if args.sampler not in SAMPLERS:
@@ -196,6 +187,10 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int, list[LoraSpec], lis
         if not spec.path.is_file():
             raise InputError(f"--lora {spec.path}: no such file")
     _name_loras(loras)
+    for text in args.embedding:
+        spec = parse_embedding(text)
+        if not spec.path.is_file():
+            raise InputError(f"--embedding {spec.path}: no such file")
     scales = parse_scales(args.lora_scales) if args.lora_scales is not None else None
     if scales is not None and not loras:
         raise InputError("--lora-scales needs at least one --lora FILE")
