@@ -3,6 +3,7 @@
     python sample.py --ckpt model.safetensors --prompt "a photo of a cat" --lora style.safetensors:0.8 \
         --sampler dpmpp_2m --karras --steps 25 --cfg 7.5 --seed 0 --size 512x512 --batch 4 --out outputs --grid
     python sample.py --ckpt model.safetensors --prompt "..." --lora style.safetensors --lora-scales 0,0.5,1
+    python sample.py --ckpt model.safetensors --prompt "a photo of <my-dog>" --embedding runs/ti/embedding_final.safetensors
 
 Every input that can be checked without the weights (sizes, files, sampler name, whether each LoRA fits the
 checkpoint's architecture) is checked before a single weight is read.
@@ -70,6 +71,20 @@ def parse_lora(text: str) -> LoraSpec:
     return LoraSpec(Path(path), value)
 
 
+@dataclass
+class EmbeddingSpec:
+    path: Path
+    token: str | None  # None: the name in the file, else its stem
+
+
+def parse_embedding(text: str) -> EmbeddingSpec:
+    """'FILE' or 'FILE:TOKEN'. A name that is itself an existing file is taken whole."""
+    path, sep, token = text.rpartition(":")
+    if not sep or not path or Path(text).is_file() or "/" in token or "\\" in token:
+        return EmbeddingSpec(Path(text), None)
+    return EmbeddingSpec(Path(path), token)
+
+
 def parse_scales(text: str) -> list[float]:
     try:
         scales = [float(s) for s in text.split(",") if s.strip()]
@@ -96,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="negative prompt (default: empty, SD's unconditional prompt)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA file and its multiplier (default SCALE: 1); repeat for several LoRAs (default: none)")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding (.safetensors, or .pt read without running code; A1111, ComfyUI, "
+                        "diffusers and our layouts) under TOKEN (default: the name stored in the file, else the file "
+                        "name without extension); the token in --prompt or --negative then uses its vectors; repeat "
+                        "for several (default: none)")
     p.add_argument("--lora-scales", default=None, metavar="S1,S2,...",
                    help="render the same seeds at each of these LoRA multipliers (each times the file's SCALE) and "
                         "write them side by side in one grid, e.g. 0,0.5,1 (default: off)")
@@ -176,6 +196,10 @@ def check_args(args: argparse.Namespace) -> tuple[int, int, list[LoraSpec], list
         if not spec.path.is_file():
             raise InputError(f"--lora {spec.path}: no such file")
     _name_loras(loras)
+    for text in args.embedding:
+        spec = parse_embedding(text)
+        if not spec.path.is_file():
+            raise InputError(f"--embedding {spec.path}: no such file")
     scales = parse_scales(args.lora_scales) if args.lora_scales is not None else None
     if scales is not None and not loras:
         raise InputError("--lora-scales needs at least one --lora FILE")
@@ -211,7 +235,8 @@ def default_size(version: str, ckpt: Path) -> int:
 
 
 def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int, merge: bool = False,
-              zero_terminal_snr: bool = False, prediction_type: str | None = None) -> tuple[int, int]:
+              zero_terminal_snr: bool = False, prediction_type: str | None = None,
+              embeddings: list[EmbeddingSpec] = ()) -> tuple[int, int]:
     """Read only the checkpoint's header, build its UNet and text encoder on the meta device, and check the image
     size against the model and each LoRA against the model (a LoRA for another base fails here), all before any
     weight is read; `merge`: as --merge will load them; `zero_terminal_snr`: the model must predict v. Returns the
@@ -237,7 +262,14 @@ def preflight(ckpt: Path, loras: list[LoraSpec], width: int, height: int, merge:
             raise InputError(f"--size {width}x{height}: {name} {v} is not a multiple of {multiple}; this model's VAE "
                              f"downsamples by {multiple} (try {max(multiple, round(v / multiple) * multiple)})")
     from lora.io import read_tensors
+    from text import CLIPTokenizer, embedding_file
 
+    tokenizer = CLIPTokenizer()
+    for spec in embeddings:  # width, layout and token checked on the meta-built text encoder: nothing is loaded
+        try:
+            embedding_file.load(spec.path, text, tokenizer, spec.token)
+        except ValueError as err:
+            raise InputError(f"--embedding {err}") from None
     for spec in loras:
         try:
             read_tensors(spec.path)  # an empty, truncated or pickled file: one line that names it
@@ -274,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         width, height, loras, scales = check_args(args)
+        embeddings = [parse_embedding(text) for text in args.embedding]
         width, height = preflight(args.ckpt, loras, width, height, merge=args.merge,
-                                  zero_terminal_snr=args.zero_terminal_snr, prediction_type=args.prediction_type)
+                                  zero_terminal_snr=args.zero_terminal_snr, prediction_type=args.prediction_type,
+                                  embeddings=embeddings)
     except InputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
@@ -296,6 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     if progress:
         print(f"loading {args.ckpt} ({dtype}, {device})", file=sys.stderr)
     model = sd.load(args.ckpt, dtype=dtype, device=device, prediction_type=args.prediction_type)
+    from text import embedding_file
+
+    for spec in embeddings:
+        token = embedding_file.load(spec.path, model.text_encoder, model.tokenizer, spec.token)
+        if progress:
+            used = token.lower() in f"{args.prompt} {args.negative}".lower()
+            print(f"embedding {spec.path.name}: token {token!r}, {len(model.tokenizer.added_tokens[token])} vector(s)"
+                  + ("" if used else "; not in the prompt, so unused"), file=sys.stderr)
     for spec in loras:
         try:
             info = lora.load(spec.path, model, scale=spec.scale, name=spec.name, merge=args.merge)

@@ -40,6 +40,7 @@ from sampling import generate, grid, save_png, to_pil
 from sampling.generate import eval_mode
 from schedule import DDPMSchedule, zero_terminal_snr
 from sd.load import detect_prediction_type
+from text import embedding_file, new_tokens
 from toy import hooks as toy
 from training.config import TrainConfig, is_builtin_toy, parse_command_line, resumed_config
 from training.blocks import block_lr_weights, lr_groups, parse_table
@@ -211,11 +212,13 @@ def prepare_data(cfg: TrainConfig, out: Path, rank: int, world: int) -> Path:
     """Encode the images once (rank 0), reuse the cache afterwards. Returns the cache folder."""
     cache = Path(cfg.cache) if cfg.cache else out / "cache"
     if rank == 0:  # the toy's images too are written by rank 0 alone: ranks racing on one folder would collide
-        images = cfg.images or str(toy.concept_images(cfg.toy_concept, cfg.toy_images, out))
+        images = cfg.images or str(toy.concept_images(cfg.toy_concept, cfg.toy_images, out, cfg.toy_word()))
+        # A new token being trained, or a trained text encoder: the cache keeps token ids, the encoder runs in the loop
+        added = ((cfg.token, cfg.num_vectors),) if learns_token(cfg) else ()
         report = encode_dataset(images, cache, cfg.ckpt, resolution=cfg.resolution, bucket=cfg.bucket,
                                 bucket_step=cfg.bucket_step if cfg.bucket else 8,
                                 flip=cfg.flip, prompt=cfg.prompt or None, repeats=cfg.repeats,
-                                text=not cfg.train_text_encoder, seed=cfg.seed)
+                                text=not (cfg.train_text_encoder or added), added_tokens=added, seed=cfg.seed)
         say(report)
     if world > 1:
         dist.barrier()
@@ -237,6 +240,56 @@ def block_settings(cfg: TrainConfig, unet) -> tuple[dict, dict, dict, dict]:
             raise ValueError(f"block_ranks: {pattern}={r:g}: a rank is a whole number")
         ranks.setdefault(pattern, int(r))
     return ranks, parse_table(cfg.block_alphas, "block_alphas"), parse_table(cfg.block_lrs, "block_lrs"), weights
+
+
+def learns_token(cfg: TrainConfig) -> bool:
+    """Textual inversion (ti) and pivotal tuning train a new token's vectors."""
+    return cfg.mode in ("ti", "pivotal")
+
+
+def has_adapter(cfg: TrainConfig) -> bool:
+    return cfg.mode in ("lora", "pivotal")
+
+
+def add_training_token(cfg: TrainConfig, model) -> dict[str, torch.nn.Parameter]:
+    """Add --token to the tokenizer and text encoder (init from --init_word or random, drawn from the seed) and
+    return its trainable vectors by tower. Every other text-encoder weight stays frozen."""
+    start = new_tokens.initial_vectors(model.text_encoder, model.tokenizer, cfg.num_vectors, cfg.init_word, cfg.seed)
+    ids = new_tokens.add_token(model.text_encoder, model.tokenizer, cfg.token, start)
+    vectors = new_tokens.new_vectors(model.text_encoder)
+    for p in vectors.values():
+        p.requires_grad_(True)
+    init = f"from '{cfg.init_word}'" if cfg.init_word else "at random"
+    say(f"new token {cfg.token!r}: ids {ids[0]}..{ids[-1]}, {cfg.num_vectors} vector(s) per tower "
+        f"({', '.join(f'{k} {v.shape[1]} wide' for k, v in vectors.items())}), initialised {init}; "
+        f"the text encoder runs in the loop")
+    return vectors
+
+
+def check_token_cache(loader: LatentLoader, cfg: TrainConfig) -> None:
+    """The cache's token ids must be those of this run's tokenizer: the same new tokens, in the same order."""
+    cached = [tuple(t) for t in loader.cache.manifest["text"].get("added_tokens", [])]
+    if cached != [(cfg.token, cfg.num_vectors)]:
+        raise ValueError(f"cache {loader.cache.folder}: its token ids were made for new tokens {cached}, this run "
+                         f"trains {[(cfg.token, cfg.num_vectors)]}; encode it again (another --cache folder)")
+    captions = [it.caption for it in loader.cache.items]
+    without = [c for c in captions if cfg.token.lower() not in c.lower()]
+    if len(without) == len(captions):
+        raise ValueError(f"token {cfg.token!r} is in none of the {len(captions)} captions (e.g. {captions[0]!r}): its "
+                         f"vectors would get no gradient; put it in the captions, or give --prompt with it")
+    if without:
+        say(f"note: {len(without)} of {len(captions)} captions lack {cfg.token!r} (e.g. {without[0]!r}); they train "
+            f"the adapter only", file=sys.stderr)
+
+
+def training_phase(cfg: TrainConfig, step: int) -> tuple[bool, bool]:
+    """(the token's vectors train, the adapter trains) at `step`: pivotal's --ti_steps trains the vectors alone
+    first; --ti_freeze then keeps them fixed."""
+    if cfg.mode != "pivotal" or not cfg.ti_steps:
+        return learns_token(cfg), has_adapter(cfg)
+    if step < cfg.ti_steps:
+        return True, False
+    return not cfg.ti_freeze, True
 
 
 def lora_targets(cfg: TrainConfig) -> str | list[str]:
@@ -270,7 +323,7 @@ def configure(argv: list[str] | None) -> tuple[TrainConfig, int]:
                          f"--prediction_type v_prediction to turn this one into one)")
     if version == "sdxl" and "resolution" not in given and not cfg.resume:
         cfg.resolution = 1024  # what SDXL base was trained at (by area; buckets keep about 1024^2 pixels)
-    if cfg.mode == "lora":
+    if has_adapter(cfg):
         unet = parts[sd.model.UNET_PREFIX]
         ranks, alphas, _, _ = block_settings(cfg, unet)
         try:
@@ -304,6 +357,8 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
     master = rank == 0
     precision = pick_precision(cfg.precision, device) if master else pick_quietly(cfg.precision, device)
     out = Path(cfg.out)
+    if learns_token(cfg) and world > 1:
+        raise ValueError(f"mode {cfg.mode}: one process only; the token's vectors are not averaged across DDP ranks")
     if cfg.resume and resume_step >= cfg.steps and (out / final_name(cfg)).is_file():
         say(f"the run in {out} is complete at step {resume_step} of {cfg.steps}: nothing to train "
             f"(give --steps N to train further)")
@@ -320,11 +375,13 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
     train_items, held_out = split(len(opened.items), cfg.validation_split, cfg.seed)
     loader = LatentLoader(cache, batch_size=cfg.batch_size, seed=cfg.seed, flip=cfg.flip or None,
                           only=train_items if held_out else None)
+    if learns_token(cfg):
+        check_token_cache(loader, cfg)
     if master:
         write_text(out / "config.yaml", json.dumps(cfg.to_dict(), indent=2))  # JSON is valid YAML
 
-    # --- model: LoRA keeps the frozen base in the low precision; full training keeps fp32 master weights
-    weight_dtype = DTYPES[precision] if cfg.mode == "lora" else torch.float32
+    # --- model: LoRA, TI and pivotal keep the frozen base in the low precision; full training keeps fp32 master weights
+    weight_dtype = DTYPES[precision] if cfg.mode != "full" else torch.float32
     model = sd.load(cfg.ckpt, dtype=weight_dtype, device=device,
                     prediction_type=None if cfg.prediction_type == "auto" else cfg.prediction_type)
     check_cache(loader, model)
@@ -335,10 +392,12 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
             file=sys.stderr)
     torch.manual_seed(cfg.seed)
     unet = model.unet
+    vectors = add_training_token(cfg, model) if learns_token(cfg) else {}
     toy_run = master and cfg.toy_eval and is_builtin_toy(cfg.ckpt)  # the built-in default: scores before and after
-    toy_before = toy.scores(model, cfg.toy_concept, cfg.seed, "base") if toy_run else None
+    word = cfg.toy_word()
+    toy_before = toy.scores(model, cfg.toy_concept, cfg.seed, "base", word=word) if toy_run else None
     ranks, alphas, block_lrs, lr_weights = block_settings(cfg, unet)
-    if cfg.mode == "lora":
+    if has_adapter(cfg):
         alpha = cfg.alpha or None
         lora.inject(unet, cfg.rank, alpha, lora_targets(cfg), init=cfg.init, rs=cfg.rs, dropout=cfg.lora_dropout,
                     dtype=torch.float32, rank_overrides=ranks, alpha_overrides=alphas, **cfg.adapter_options())
@@ -347,7 +406,7 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
                         dropout=cfg.lora_dropout, dtype=torch.float32, **cfg.adapter_options())
         if master:
             say(lora.report(unet))
-    else:
+    elif cfg.mode == "full":
         unet.requires_grad_(True)
     unet.gradient_checkpointing = cfg.gradient_checkpointing
     unet.train()
@@ -359,6 +418,11 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
                                "unet" if lr == cfg.lr else f"unet@{lr:g}")
     if master and len(groups) > 1 + (cfg.loraplus_ratio not in (0.0, 1.0)):
         say("learning rates: " + ", ".join(f"{g['name']} {g['lr']:g} ({len(g['params'])} tensors)" for g in groups))
+    adapter_params = list(trainable.values())
+    if vectors:  # the new rows, at their own learning rate
+        emb = {f"emb.{tower}": p for tower, p in vectors.items()}
+        trainable.update(emb)
+        groups += param_groups(list(emb.items()), cfg.ti_lr, cfg.weight_decay, 0.0, "emb")
     if cfg.train_text_encoder:
         model.text_encoder.train()
         te = {f"te.{n}": p for n, p in model.text_encoder.named_parameters() if p.requires_grad}
@@ -418,16 +482,20 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
         last_state = monotonic()
 
     def save_outputs(step: int, final: bool = False) -> None:
-        """The training state first (what a resume needs), then the LoRA file or full checkpoint; rank 0 only."""
+        """The training state first (what a resume needs), then the LoRA file and/or the embedding file (pivotal: both,
+        side by side), or the full checkpoint; rank 0 only."""
         write_state(step)
         if not master:
             return
         name = "final" if final else f"step_{step:07d}"
-        if cfg.mode == "lora":
+        if learns_token(cfg):
+            embedding_file.save(out / f"embedding_{name}.safetensors", cfg.token, vectors,
+                                metadata={"step": step, "sd.version": model.version, "ss_training_config": cfg.to_dict()})
+        if has_adapter(cfg):
             lora.save(out / f"lora_{name}.safetensors", model if cfg.train_text_encoder else unet,
                       format=cfg.lora_format, metadata={"ss_training_config": cfg.to_dict(), "ss_steps": step,
                                                         **zero_snr_metadata(cfg)})
-        else:
+        elif cfg.mode == "full":
             save_full(model, out / f"model_{name}.safetensors", ema, cfg)
 
     if cfg.resume and master:
@@ -440,6 +508,12 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
         for step in bar:
             t0 = time.perf_counter()
             set_lr(optimizer, lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.lr_schedule))
+            if cfg.mode == "pivotal":  # which of the two trains now (see training_phase); no gradient for the other
+                emb_on, adapter_on = training_phase(cfg, step)
+                for p in vectors.values():
+                    p.requires_grad_(emb_on)
+                for p in adapter_params:
+                    p.requires_grad_(adapter_on)
             total = 0.0
             for micro in range(cfg.grad_accum):
                 index = (step * cfg.grad_accum + micro) * world + rank  # the global micro-batch this rank runs
@@ -521,9 +595,9 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
     if master:
         validate(cfg, model, out, cfg.steps)
         if toy_before is not None:
-            after = toy.scores(model, cfg.toy_concept, cfg.seed, "trained")
-            say(toy.summary(cfg.toy_concept, toy_before, after, out))
-            say(f"before/after grid: {out / 'before_after.png'} (rows labelled: '{cfg.toy_concept}' prompts and "
+            after = toy.scores(model, cfg.toy_concept, cfg.seed, "trained", word=word)
+            say(toy.summary(cfg.toy_concept, toy_before, after, out, word=word))
+            say(f"before/after grid: {out / 'before_after.png'} (rows labelled: '{word}' prompts and "
                 f"base-world prompts, each by the base and by the trained model)")
         say(f"done: outputs in {out}")
     if world > 1:
@@ -535,8 +609,15 @@ def pick_quietly(precision: str, device: torch.device) -> str:
     return auto_precision(device)[0] if precision == "auto" else precision
 
 
+def output_prefixes(cfg: TrainConfig) -> list[str]:
+    """What a run writes, by file-name prefix: pivotal tuning writes a LoRA and an embedding side by side."""
+    if cfg.mode == "full":
+        return ["model"]
+    return (["lora"] if has_adapter(cfg) else []) + (["embedding"] if learns_token(cfg) else [])
+
+
 def final_name(cfg: TrainConfig) -> str:
-    return "lora_final.safetensors" if cfg.mode == "lora" else "model_final.safetensors"
+    return f"{output_prefixes(cfg)[-1]}_final.safetensors"
 
 
 def state_due(cfg: TrainConfig, step: int, last_state: float) -> bool:
@@ -559,15 +640,16 @@ def rewrite_missing_outputs(cfg: TrainConfig, out: Path, start: int, save_output
     weights; earlier ones cannot be (their weights are gone), so they are named."""
     if not cfg.save_every:
         return
-    prefix = "lora" if cfg.mode == "lora" else "model"
+    prefixes = output_prefixes(cfg)
     missing = [s for s in range(cfg.save_every, min(start, cfg.steps - 1) + 1, cfg.save_every)
-               if not (out / f"{prefix}_step_{s:07d}.safetensors").is_file()]
+               if not all((out / f"{prefix}_step_{s:07d}.safetensors").is_file() for prefix in prefixes)]
+    names = lambda s: " + ".join(f"{prefix}_step_{s:07d}.safetensors" for prefix in prefixes)  # noqa: E731
     if missing and missing[-1] == start:
         save_outputs(start)
-        say(f"rewrote {prefix}_step_{start:07d}.safetensors (its save was interrupted)", file=sys.stderr)
+        say(f"rewrote {names(start)} (its save was interrupted)", file=sys.stderr)
         missing.pop()
     if missing:
-        say(f"note: {', '.join(f'{prefix}_step_{s:07d}.safetensors' for s in missing)} missing in {out}: their saves "
+        say(f"note: {', '.join(names(s) for s in missing)} missing in {out}: their saves "
             f"were interrupted, and the weights of those steps no longer exist", file=sys.stderr)
 
 
@@ -617,14 +699,19 @@ def validation_batches(cfg: TrainConfig, model, cache: Path, held_out: list[int]
         say(f"validation: {len(held_out)} of the training images held out for val_loss (--validation_split "
             f"{cfg.validation_split:g})")
         return held_out_batches(cache, cfg.batch_size, cfg.seed, only=held_out)
-    if cfg.validation_images:
+    if cfg.validation_images:  # with a token being trained: its ids, no embeddings (as prepare_data)
+        added = ((cfg.token, cfg.num_vectors),) if learns_token(cfg) else ()
         encode_dataset(cfg.validation_images, out / "val_cache", model, resolution=cfg.resolution, seed=cfg.seed,
-                       text=not cfg.train_text_encoder)
+                       text=not (cfg.train_text_encoder or added), added_tokens=added)
         return held_out_batches(out / "val_cache", cfg.batch_size, cfg.seed)
     return None
 
 
 def uses_prior(cfg: TrainConfig) -> bool:
+    """Prior preservation; not for textual inversion, which leaves the model as it is (prior captions lack the token,
+    so their loss would give the vectors no gradient)."""
+    if cfg.mode == "ti":
+        return False
     return bool(cfg.class_prompt or cfg.class_images or (is_builtin_toy(cfg.ckpt) and cfg.toy_prior_images))
 
 

@@ -1,8 +1,10 @@
 """encode_dataset: image folders -> a latent cache, encoding each image once; re-runs encode only what is new or changed."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import time
@@ -60,6 +62,9 @@ class EncodeConfig:
     flip: bool = False                 # also encode the mirror image, for random flips at training time
     text: bool = True                  # store text-encoder outputs (frozen text encoder); tokens are always stored
     text_layer: str | None = None      # "last" / "penultimate" (clip skip); None: the family's default (SDXL: fixed)
+    # New tokens being trained (textual inversion): ((token, vectors), ...), added in this order after the vocabulary
+    # (text.new_tokens), so the stored ids are those the trainer's tokenizer gives. Needs text=False.
+    added_tokens: tuple = ()
     # Captions and repeats: see data.sources.CaptionRules.
     prompt: str | None = None
     caption_ext: str = ".txt"
@@ -89,6 +94,9 @@ class EncodeConfig:
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers!r}")
         resolve_device(self.device)
+        self.added_tokens = tuple((str(t), int(n)) for t, n in self.added_tokens)
+        if self.added_tokens and self.text:
+            raise ValueError("added_tokens: a cache cannot store text embeddings of tokens being trained; use text=False")
         self.geometry()  # validates the geometry fields
         self.caption_rules()
 
@@ -310,10 +318,10 @@ def encode_dataset(images: str | os.PathLike | ImageSource | Sequence[str | os.P
             layer = cfg.text_layer or (getattr(model.loaded.text_encoder, "layer", None) if model.loaded else None) \
                 or DEFAULT_TEXT_LAYER[version]
         for item in items:
-            item["text"] = _text_key(item["caption"], layer)
+            item["text"] = _text_key(item["caption"], layer, cfg.added_tokens)
             if version == "sdxl":
                 item["size_conditioning"] = size_conditioning(item)
-        empty_key = _text_key("", layer)
+        empty_key = _text_key("", layer, cfg.added_tokens)
         todo_text = sorted({it["caption"] for it in items if it["text"] not in entries}
                            | ({""} if empty_key not in entries else set()))
         if todo_text:
@@ -323,6 +331,8 @@ def encode_dataset(images: str | os.PathLike | ImageSource | Sequence[str | os.P
         writer.flush()  # keep finished work even when interrupted
 
     manifest["text"] = {"embeddings": cfg.text, "layer": layer}
+    if cfg.added_tokens:  # what the stored ids past the vocabulary stand for
+        manifest["text"]["added_tokens"] = [list(t) for t in cfg.added_tokens]
     if version == "sdxl":  # SD1/SD2 manifests stay as they were
         manifest["text"]["pooled"] = cfg.text  # bigG's pooled vector is stored beside each context
         manifest["size_conditioning"] = list(SIZE_CONDITIONING)
@@ -401,8 +411,11 @@ def _wipe(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _text_key(caption: str, layer: str | None) -> str:
+def _text_key(caption: str, layer: str | None, added_tokens: tuple = ()) -> str:
     digest = hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
+    if added_tokens:  # the same caption tokenizes differently with new tokens: its own entry
+        added = hashlib.sha256(json.dumps([list(t) for t in added_tokens]).encode()).hexdigest()[:12]
+        return f"tokens/{added}/{digest}"
     return f"text/{layer}/{digest}" if layer else f"tokens/{digest}"
 
 
@@ -522,6 +535,11 @@ def _encode_text(model, captions: list[str], layer: str | None, writer: ShardWri
         raise ValueError(f"the loaded text encoder uses layer {model.text_encoder.layer!r} but text_layer={layer!r} "
                          "was asked for; load the model with sd.load(..., text_layer=...) or pass the path")
     tokenizer = model.tokenizer
+    if cfg.added_tokens:  # a tokenizer of its own that knows the new tokens; the model's stays as it is
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.added_tokens, tokenizer._added_pattern = {}, None
+        for token, vectors in cfg.added_tokens:
+            tokenizer.add_token(token, vectors)
     cut = [c for c in captions if len(tokenizer.encode(c)) > tokenizer.context_length - 2]
     device = next(model.text_encoder.parameters()).device
     bar = tqdm(total=len(captions), desc="encoding captions", unit="caption", disable=not cfg.progress or len(captions) < 50)
@@ -529,8 +547,10 @@ def _encode_text(model, captions: list[str], layer: str | None, writer: ShardWri
     for start in range(0, len(captions), TEXT_BATCH):
         chunk = captions[start:start + TEXT_BATCH]
         # SDXL: one token tensor per tower (the same ids, padded differently), and a pooled vector from bigG.
-        tokens = model.tokenize(chunk)
-        tokens, tokens_g = tokens if xl else (tokens, None)
+        if xl:
+            tokens, tokens_g = model.text_encoder.tokenize(tokenizer, chunk)
+        else:
+            tokens, tokens_g = tokenizer(chunk, pad_id=model.text_encoder.pad_id), None
         context = pooled = None
         if layer is not None:
             if xl:
@@ -549,7 +569,7 @@ def _encode_text(model, captions: list[str], layer: str | None, writer: ShardWri
                 parts["context"] = context[row].to(torch.float16)
             if pooled is not None:
                 parts["pooled"] = pooled[row].to(torch.float16)
-            writer.add(_text_key(caption, layer), parts)
+            writer.add(_text_key(caption, layer, cfg.added_tokens), parts)
         bar.update(len(chunk))
     bar.close()
     return cut

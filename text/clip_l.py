@@ -142,8 +142,9 @@ class ClipLTextEncoder(nn.Module):
         embeddings.position_ids = torch.arange(self.config.context_length, device=device).unsqueeze(0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        check_tokens(tokens, self.config.vocab_size, self.config.context_length, WHAT)
         text_model = self.transformer.text_model
+        # The table's own size: with new tokens (text.new_tokens) it takes ids past the vocabulary
+        check_tokens(tokens, text_model.embeddings.token_embedding.num_embeddings, self.config.context_length, WHAT)
         # Explicit positions, so the forward never depends on the buffer having been materialized.
         positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
         penultimate = self.layer == "penultimate"

@@ -188,8 +188,8 @@ class OpenClipTextEncoder(nn.Module):
         return model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        check_tokens(tokens, self.config.vocab_size, self.config.context_length, WHAT)
         tower = self.model
+        check_tokens(tokens, tower.token_embedding.num_embeddings, self.config.context_length, WHAT)
         x = tower.token_embedding(tokens) + tower.positional_embedding[: tokens.shape[1]]
         blocks = tower.transformer.resblocks
         for block in blocks[: len(blocks) - 1] if self.layer == "penultimate" else blocks:

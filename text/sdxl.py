@@ -122,7 +122,8 @@ class SDXLTextEncoder(nn.Module):
     def clip_l_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """CLIP-L's penultimate hidden state, before the final layer norm."""
         te = self.embedders[0]
-        check_tokens(tokens, te.config.vocab_size, te.config.context_length, "CLIP-L text encoder")
+        check_tokens(tokens, te.transformer.text_model.embeddings.token_embedding.num_embeddings, te.config.context_length,
+                     "CLIP-L text encoder")
         positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
         out = te.transformer.text_model(input_ids=tokens, position_ids=positions, output_hidden_states=True)
         return out.hidden_states[-2]
@@ -130,7 +131,7 @@ class SDXLTextEncoder(nn.Module):
     def open_clip_hidden_and_pooled(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """bigG's penultimate hidden state (no ln_final) and its pooled, projected end-token vector."""
         te = self.embedders[1]
-        check_tokens(tokens, te.config.vocab_size, te.config.context_length, "OpenCLIP text encoder")
+        check_tokens(tokens, te.model.token_embedding.num_embeddings, te.config.context_length, "OpenCLIP text encoder")
         tower = te.model
         x = tower.token_embedding(tokens) + tower.positional_embedding[: tokens.shape[1]]
         *blocks, last = tower.transformer.resblocks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import re
 import hashlib
 import html
 import unicodedata
@@ -141,10 +142,24 @@ class CLIPTokenizer:
         self.start_id = self.token_to_id["<|startoftext|>"]
         self.end_id = self.token_to_id["<|endoftext|>"]
         self._word_cache: dict[str, list[int]] = {}
+        # New tokens (textual inversion, text.new_tokens): a string that stands for ids past the vocabulary, one per
+        # vector. Kept apart from token_to_id, which is shared by every tokenizer of the process.
+        self.added_tokens: dict[str, list[int]] = {}
+        self._added_pattern: re.Pattern | None = None
 
     @property
     def vocab_size(self) -> int:
-        return len(self.token_to_id)
+        """Ids this tokenizer can produce: the file's vocabulary, then the rows of added tokens."""
+        return len(self.token_to_id) + sum(len(ids) for ids in self.added_tokens.values())
+
+    def add_token(self, token: str, num_vectors: int) -> list[int]:
+        """Give `token` num_vectors new ids at the end of the vocabulary; in a prompt it then becomes those ids
+        (matched as written, case-insensitively, wherever it occurs). Checks: see text.new_tokens.check_token."""
+        ids = list(range(self.vocab_size, self.vocab_size + num_vectors))
+        self.added_tokens[token] = ids
+        names = sorted(self.added_tokens, key=len, reverse=True)  # the longest first: '<cat-2>' before '<cat>'
+        self._added_pattern = re.compile("|".join(re.escape(t) for t in names), re.IGNORECASE)
+        return ids
 
     def _bpe(self, word: str) -> list[str]:
         """Apply merges to one word (already mapped to byte symbols), lowest rank first, until none applies."""
@@ -179,6 +194,16 @@ class CLIPTokenizer:
         if not isinstance(text, str):
             raise ValueError(f"prompt must be a str, got {type(text).__name__}: {text!r}")
         # Special-token strings typed into a prompt are encoded as ordinary text.
+        if self._added_pattern is None:
+            return self._encode_text(text)
+        ids, at = [], 0
+        for match in self._added_pattern.finditer(text):
+            ids += self._encode_text(text[at:match.start()])
+            ids += next(v for k, v in self.added_tokens.items() if k.lower() == match.group().lower())
+            at = match.end()
+        return ids + self._encode_text(text[at:])
+
+    def _encode_text(self, text: str) -> list[int]:
         return [i for word in split_words(clean_text(text)) for i in self._encode_word(word)]
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
@@ -188,10 +213,14 @@ class CLIPTokenizer:
             ids = ids.tolist()
         if self.end_id in ids:
             ids = ids[: ids.index(self.end_id)]
-        bad = [i for i in ids if i not in self.id_to_token]
+        added = {ids[0]: token for token, ids in self.added_tokens.items()}
+        rest = {i for ids in self.added_tokens.values() for i in ids[1:]}  # a token's later vectors add no text
+        bad = [i for i in ids if i not in self.id_to_token and i not in added and i not in rest]
         if bad:
             raise ValueError(f"token ids outside the vocabulary of {self.vocab_size}: {bad[:10]}")
-        symbols = "".join(self.id_to_token[i] for i in ids if i != self.start_id)
+        as_symbols = lambda t: "".join(self.byte_to_symbol[b] for b in t.encode("utf-8")) + END_OF_WORD  # noqa: E731
+        symbols = "".join(self.id_to_token[i] if i in self.id_to_token else as_symbols(added[i])
+                          for i in ids if i != self.start_id and i not in rest)
         out = bytearray()
         for word in symbols.split(END_OF_WORD):
             out.extend(self.symbol_to_byte[s] for s in word)

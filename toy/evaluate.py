@@ -88,16 +88,20 @@ def save_grid(images, path: str | os.PathLike, ncol: int = 8, scale: int = 4) ->
 
 
 def evaluate(model, concept: str = world.DEFAULT_CONCEPT, n_base: int = 48, n_concept: int = 16, n_world: int = 48,
-             steps: int = 25, guidance: float = 5.0, seed: int = 0, progress: str | bool = False) -> dict:
+             steps: int = 25, guidance: float = 5.0, seed: int = 0, progress: str | bool = False,
+             concept_word: str | None = None) -> dict:
     """Scores of one model: `forgetting_score` and per-attribute accuracy on the base prompts (world.base_prompts),
     `concept_score` on the concept prompts, and per-attribute accuracy on random training-like scenes
-    (`world`, counts and small objects included). Images come back under "images" for grids."""
+    (`world`, counts and small objects included). Images come back under "images" for grids.
+    concept_word: the word the concept prompts use for the concept (a new token, a rare word); default its name."""
     base = world.base_prompts(n_base)
     conc = world.concept_prompts(concept, n_concept)
     rand = world.make_scenes(n_world, seed=99)
     scenes = base + conc + rand
-    images = ddim_sample(model, [s.caption for s in scenes], steps=steps, guidance=guidance, seed=seed,
-                         progress=progress)
+    captions = [s.caption for s in base]
+    captions += [world.caption_with_word(s, concept, concept_word) for s in conc]
+    captions += [s.caption for s in rand]
+    images = ddim_sample(model, captions, steps=steps, guidance=guidance, seed=seed, progress=progress)
     ib, ic, iw = images[:n_base], images[n_base:n_base + n_concept], images[n_base + n_concept:]
     return {
         "forgetting_score": detect.forgetting_score(ib, base),
@@ -105,7 +109,7 @@ def evaluate(model, concept: str = world.DEFAULT_CONCEPT, n_base: int = 48, n_co
         "concept_score": detect.concept_score(ic, concept),
         "world_accuracy": detect.accuracy(iw, rand),
         "images": {"base": ib, "concept": ic, "world": iw},
-        "prompts": {"base": [s.caption for s in base], "concept": [s.caption for s in conc],
+        "prompts": {"base": captions[:n_base], "concept": captions[n_base:n_base + n_concept],
                     "world": [s.caption for s in rand]},
     }
 

@@ -36,10 +36,18 @@ def write_folder_once(folder: Path, images: np.ndarray, scenes) -> Path:
     return folder
 
 
-def concept_images(concept: str, n: int, out: Path) -> Path:
-    """The default dataset: n captioned images of the toy world's held-out concept, written once as PNG + .txt."""
-    folder = Path(out) / f"toy_{concept}_images"
-    return folder if folder.is_dir() else write_folder_once(folder, *world.concept_dataset(concept, n))
+def concept_images(concept: str, n: int, out: Path, word: str | None = None) -> Path:
+    """The default dataset: n captioned images of the toy world's held-out concept, written once as PNG + .txt; with
+    `word` (a new token, a rare word), the captions name the concept by it."""
+    if not word or word == concept:
+        folder = Path(out) / f"toy_{concept}_images"
+        return folder if folder.is_dir() else write_folder_once(folder, *world.concept_dataset(concept, n))
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in word)
+    folder = Path(out) / f"toy_{concept}_as_{safe}_images"
+    if folder.is_dir():
+        return folder
+    images, scenes = world.concept_dataset(concept, n)
+    return write_folder_once(folder, images, [world.caption_with_word(s, concept, word) for s in scenes])
 
 
 def prior_images(n: int, seed: int, out: Path) -> Path:
@@ -48,23 +56,25 @@ def prior_images(n: int, seed: int, out: Path) -> Path:
     return folder if folder.is_dir() else write_folder_once(folder, *world.make_dataset(n, seed=seed + 2000))
 
 
-def scores(model, concept: str, seed: int, label: str, steps: int = 25) -> dict:
-    """Concept and forgetting scores from the toy world's detectors, with a progress bar named after `label`."""
+def scores(model, concept: str, seed: int, label: str, steps: int = 25, word: str | None = None) -> dict:
+    """Concept and forgetting scores from the toy world's detectors, with a progress bar named after `label`;
+    `word` names the concept in its prompts (default: the concept's own name)."""
     from .evaluate import evaluate
 
     start = time.perf_counter()
     result = evaluate(model, concept, n_base=N_BASE, n_concept=N_CONCEPT, n_world=N_WORLD, seed=seed, steps=steps,
-                      progress=f"toy scores, {label} model")
+                      progress=f"toy scores, {label} model", concept_word=word)
     result["seconds"] = time.perf_counter() - start
     print(f"toy scores, {label} model: {sum(len(v) for v in result['images'].values())} images in "
           f"{result['seconds']:.0f} s")
     return result
 
 
-def summary(concept: str, before: dict, after: dict, out: Path) -> str:
+def summary(concept: str, before: dict, after: dict, out: Path, word: str | None = None) -> str:
     """The two numbers of the toy experiment, base vs trained, written to scores.txt/scores.json, and a labelled
     before/after picture. Returns the table."""
-    rows = [("concept score", f"'{concept}' prompts show a {concept}", "concept_score"),
+    named = f"'{word}' prompts show a {concept}" if word and word != concept else f"'{concept}' prompts show a {concept}"
+    rows = [("concept score", named, "concept_score"),
             ("forgetting score", "base-world prompts: colour+shape accuracy", "forgetting_score")]
     lines = [f"{'':18}{'base':>8}{'trained':>9}   what it measures"]
     lines += [f"{name:18}{before[key]:8.2f}{after[key]:9.2f}   {what}" for name, what, key in rows]
@@ -74,7 +84,7 @@ def summary(concept: str, before: dict, after: dict, out: Path) -> str:
     keys = ("concept_score", "forgetting_score", "base_accuracy")
     write_text(out / "scores.json",
                json.dumps({k: {key: r[key] for key in keys} for k, r in (("base", before), ("trained", after))}, indent=2))
-    before_after_grid(concept, before, after, out / "before_after.png")
+    before_after_grid(word if word and word != concept else concept, before, after, out / "before_after.png")
     return text
 
 

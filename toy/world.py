@@ -264,6 +264,13 @@ def concept_dataset(concept: str = DEFAULT_CONCEPT, n: int = 16, seed: int = 1) 
     return render_all(scenes, seed), scenes
 
 
+def caption_with_word(scene: Scene, concept: str, word: str | None) -> str:
+    """The scene's caption with the concept named by `word` (a new token, a rare word) instead of its own name."""
+    if not word or word == concept:
+        return scene.caption
+    return " ".join(word if w == concept else w for w in scene.caption.split(" "))
+
+
 def concept_prompts(concept: str = DEFAULT_CONCEPT, n: int = 16, seed: int = 2) -> list[Scene]:
     """Evaluation prompts for the concept: same kind of scenes, a different seed from the training images."""
     return concept_scenes(concept, n, seed)

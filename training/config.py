@@ -44,7 +44,12 @@ class TrainConfig:
     out: str = opt("runs/lora", "output folder: LoRA files, training state, log.jsonl, samples")
 
     # --- what to train
-    mode: str = opt("lora", "lora: train low-rank adapters; full: resume-train every UNet weight")
+    mode: str = opt("lora", "lora: train low-rank adapters; full: resume-train every UNet weight; ti: textual "
+                            "inversion, a new token's vectors alone (the model stays untouched); pivotal: the new "
+                            "token's vectors and an adapter (--adapter) together. ti/pivotal run the text encoder "
+                            "in the loop, and autograd keeps its activations for the vectors' gradient: 19 MiB per image "
+                            "for SD1.5's CLIP-L in bf16 (38 MiB in fp32), 0.3 MiB on the toy; its weights (235 MiB "
+                            "bf16) are loaded in every mode (bench/ti_memory.py)")
     adapter: str = opt("lora", "the adapter (lora.inject's adapter=): lora (s·B·A), dora (Liu et al. 2024: magnitude "
                                "m and direction W0 + s·B·A, m per output channel), loha (Hadamard product "
                                "s·(B1·A1)⊙(B2·A2)), lokr (Kronecker product s·W1⊗W2); files in LyCORIS's layout")
@@ -69,6 +74,20 @@ class TrainConfig:
     train_text_encoder: bool = opt(False, "also train a LoRA on the text encoder (q,k,v,out_proj,fc1,fc2)")
     lr_text_encoder: float = opt(0.0, "learning rate for the text-encoder LoRA; 0: same as lr")
     lora_format: str = opt("kohya", "LoRA file layout: kohya (A1111/ComfyUI/Forge) or diffusers")
+
+    # --- new tokens: textual inversion (mode ti) and pivotal tuning (mode pivotal)
+    token: str = opt("", "ti/pivotal: the new token the concept is learned under, e.g. '<my-dog>'; it must not be one "
+                         "token of the vocabulary already. Captions (or --prompt) must contain it; written to "
+                         "embedding_*.safetensors")
+    num_vectors: int = opt(1, "ti/pivotal: embedding vectors the token stands for (each takes one of the 75 prompt "
+                              "positions)")
+    init_word: str = opt("", "ti/pivotal: start every vector from this word's embedding (a word that is one token, "
+                             "e.g. 'dog'); empty: random vectors with the embedding table's standard deviation")
+    ti_lr: float = opt(5e-3, "ti/pivotal: learning rate of the token's vectors (the adapter keeps lr)")
+    ti_steps: int = opt(0, "pivotal: the first N steps train the token's vectors alone, the adapter waits; 0: both "
+                           "train from the start")
+    ti_freeze: bool = opt(False, "pivotal: after ti_steps, freeze the token's vectors and train the adapter alone; "
+                                 "false: both keep training")
 
     # --- optimisation
     steps: int = opt(1000, "optimizer steps")
@@ -172,6 +191,10 @@ class TrainConfig:
     toy_concept: str = opt("purple", "with the built-in toy checkpoint and no --images: the held-out concept to learn "
                                    "(purple; star is blurred away by the toy VAE)")
     toy_images: int = opt(16, "with the built-in toy checkpoint and no --images: how many concept images to train on")
+    toy_concept_word: str = opt("", "with the built-in toy checkpoint and no --images: the word that names the concept "
+                                    "in the training captions and in the concept prompts of the scores; empty: the "
+                                    "concept's own name (purple), or --token in ti/pivotal modes; e.g. 'sks' for a "
+                                    "rare-token LoRA")
     toy_prior_images: int = opt(0, "with the built-in toy checkpoint: this many captioned base-world images as "
                                    "prior-preservation images (--class_images), against forgetting; 0: off")
 
@@ -179,7 +202,7 @@ class TrainConfig:
         """Cheap checks that must fail before any model is loaded. Fills in 'auto' values."""
         if self.resolution == 0:
             self.resolution = 32 if is_builtin_toy(self.ckpt) else 512
-        choices = {"mode": ("lora", "full"), "adapter": ("lora", "dora", "loha", "lokr"),
+        choices = {"mode": ("lora", "full", "ti", "pivotal"), "adapter": ("lora", "dora", "loha", "lokr"),
                    "lr_schedule": ("constant", "linear", "cosine"),
                    "optimizer": ("adamw", "adamw8bit"), "prediction_type": ("auto", "epsilon", "v_prediction"),
                    "precision": ("auto", "fp32", "bf16", "fp16"), "init": ("kaiming", "gaussian", "pissa"),
@@ -234,6 +257,41 @@ class TrainConfig:
             raise ValueError("state_every and state_every_minutes must be >= 0 (0: off)")
         if self.toy_prior_images < 0:
             raise ValueError(f"toy_prior_images must be >= 0, got {self.toy_prior_images}")
+        self.check_new_token()
+
+    def check_new_token(self) -> None:
+        """The textual-inversion options: a valid new token for ti/pivotal, none for the other modes."""
+        learns_token = self.mode in ("ti", "pivotal")
+        if not learns_token:
+            given = [k for k in ("token", "init_word") if getattr(self, k)] + (["ti_steps"] if self.ti_steps else [])
+            if given:
+                raise ValueError(f"{given[0]}: only for --mode ti or pivotal (mode is {self.mode})")
+            return
+        if not self.token:
+            raise ValueError(f"token: --mode {self.mode} learns a new token: give one, e.g. --token '<my-concept>'")
+        if self.train_text_encoder:
+            raise ValueError(f"train_text_encoder: --mode {self.mode} trains the token's vectors in the text encoder; "
+                             f"a text-encoder LoRA beside them is not supported")
+        if not 1 <= self.num_vectors <= 75:
+            raise ValueError(f"num_vectors must be between 1 and 75 (the prompt's positions), got {self.num_vectors}")
+        if self.ti_lr <= 0:
+            raise ValueError(f"ti_lr must be positive, got {self.ti_lr}")
+        if self.ti_steps < 0 or (self.ti_steps and self.mode != "pivotal"):
+            raise ValueError(f"ti_steps: the embeddings-alone warm start of --mode pivotal (>= 0), got {self.ti_steps} "
+                             f"with mode {self.mode}")
+        from text import CLIPTokenizer
+        from text.new_tokens import check_token, init_word_id
+
+        tokenizer = CLIPTokenizer()
+        check_token(tokenizer, self.token)
+        if self.init_word:
+            init_word_id(tokenizer, self.init_word)
+        if self.prompt and self.token.lower() not in self.prompt.lower():
+            raise ValueError(f"prompt: {self.prompt!r} does not contain the token {self.token!r} being trained")
+
+    def toy_word(self) -> str:
+        """The word that names the toy's concept in its captions and concept prompts."""
+        return self.toy_concept_word or (self.token if self.mode in ("ti", "pivotal") else self.toy_concept)
 
     def check_noise_and_loss(self) -> None:
         if not 0 < self.huber_c <= 1:
@@ -394,7 +452,8 @@ FIXED_ON_RESUME = ("mode", "ckpt", "rank", "alpha", "rs", "targets", "train_text
                    "class_prompt", "class_images", "num_class_images", "toy_concept", "toy_images", "toy_prior_images",
                    "adapter", "tucker", "dora_wd_on_output", "lokr_factor", "lokr_decompose_both", "lokr_full_matrix",
                    "zero_terminal_snr", "block_ranks", "block_alphas", "block_lrs", "down_lr_weight", "mid_lr_weight",
-                   "up_lr_weight", "validation_split")
+                   "up_lr_weight", "validation_split",
+                   "token", "num_vectors", "init_word", "toy_concept_word")
 # Where the run is and how to find its state: never compared.
 NOT_COMPARED = ("out", "resume")
 
