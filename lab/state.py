@@ -177,5 +177,5 @@ def default_settings(ckpt: str | Path) -> Settings:
 
     if is_builtin_toy(ckpt):
         return Settings(prompt="a large purple circle in the center, white background", steps=20, cfg=5.0,
-                        sampler="ddim", images=3)
+                        sampler="ddim", images=2)
     return Settings(prompt="a photo of a cat", steps=25, cfg=7.5, sampler="dpmpp_2m", images=1)

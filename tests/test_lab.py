@@ -330,7 +330,11 @@ def test_no_arguments_mean_the_toy_and_its_default_run(files, capsys, tmp_path, 
 
 
 def test_cli_serves_on_localhost_and_stops_on_ctrl_c(files):
-    proc = subprocess.Popen([sys.executable, "-m", "lab", "--lora", str(files["lora"]), "--port", "0"], cwd=ROOT,
+    # As from a terminal: Ctrl-C raises KeyboardInterrupt even where this test runs with SIGINT ignored (a job
+    # started in the background by a script inherits that, and Python keeps an ignored SIGINT ignored).
+    terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "sys.argv[0] = 'lab'; runpy.run_module('lab', run_name='__main__', alter_sys=True)")
+    proc = subprocess.Popen([sys.executable, "-c", terminal, "--lora", str(files["lora"]), "--port", "0"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
