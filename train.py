@@ -459,6 +459,9 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
             if dropped:
                 say(f"log.jsonl: removed {dropped} records past step {start} (they are trained again)", file=sys.stderr)
 
+    if cfg.mode == "ti" and master and (cfg.class_prompt or cfg.class_images or cfg.toy_prior_images):
+        say("note: prior preservation is skipped in --mode ti: the model does not change, and captions without the "
+            "token give the vectors no gradient", file=sys.stderr)
     net = DDP(unet) if world > 1 else unet
     prior = class_loader(cfg, model, out, rank, world) if uses_prior(cfg) else None
     if prior is not None:
