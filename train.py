@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
         raise ValueError(f"masked_loss: no image in {cfg.images or 'the toy images'} has a mask (name.mask.png "
                          f"beside name.png, or an alpha channel)")
     train_items, held_out = split(len(opened.items), cfg.validation_split, cfg.seed)
-    loader = LatentLoader(cache, batch_size=cfg.batch_size, seed=cfg.seed, flip=cfg.flip or None,
+    loader = LatentLoader(opened, batch_size=cfg.batch_size, seed=cfg.seed, flip=cfg.flip or None,
                           only=train_items if held_out else None)
     if learns_token(cfg):
         check_token_cache(loader, cfg)
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None, interrupts: Interrupts | None = None) ->
         check_cache(prior, model, "class images' cache")
     dropout = cfg.caption_dropout
     empty = loader.cache.empty_prompt() if dropout and not model.needs_y else None
-    val_batches = validation_batches(cfg, model, cache, held_out, out) if master else None
+    val_batches = validation_batches(cfg, model, opened, held_out, out) if master else None
     if cfg.zero_terminal_snr:  # training and the validation images both use the rescaled schedule
         model.schedule = DDPMSchedule(zero_terminal_snr(model.schedule.betas), model.prediction_type)
     schedule = model.schedule
@@ -695,7 +695,7 @@ def validate(cfg: TrainConfig, model, out: Path, step: int) -> None:
              parameters=" | ".join(cfg.validation_prompts) + f"\nSteps: {cfg.validation_steps}, CFG scale: {cfg.validation_cfg}, Seed: {cfg.seed}")
 
 
-def validation_batches(cfg: TrainConfig, model, cache: Path, held_out: list[int], out: Path) -> list | None:
+def validation_batches(cfg: TrainConfig, model, cache: LatentCache, held_out: list[int], out: Path) -> list | None:
     """The held-out batches of val_loss: --validation_split's images from the training cache, or the folder
     --validation_images encoded once into out/val_cache; None when neither is set."""
     if held_out:

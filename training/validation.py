@@ -30,9 +30,10 @@ def split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     return [i for i in range(n) if i not in held], sorted(held)
 
 
-def held_out_batches(loader_or_cache, batch_size: int = 8, seed: int = 0, only: Sequence[int] | None = None) -> list:
-    """The held-out batches, each image once, in file order, posterior means, no flips."""
-    loader = LatentLoader(loader_or_cache, batch_size=batch_size, seed=seed, shuffle=False, flip=False, sample=False,
+def held_out_batches(cache, batch_size: int = 8, seed: int = 0, only: Sequence[int] | None = None) -> list:
+    """The held-out batches, each image once, in file order, posterior means, no flips. cache: a LatentCache or
+    its folder."""
+    loader = LatentLoader(cache, batch_size=batch_size, seed=seed, shuffle=False, flip=False, sample=False,
                           only=only)
     return [loader.batch(i) for i in range(loader.steps_per_epoch)]
 
